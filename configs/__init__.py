@@ -1,0 +1,1 @@
+"""Hydra configuration tree, shipped inside the wheel as ``fp8train.configs``."""

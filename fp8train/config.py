@@ -1,0 +1,72 @@
+"""``Fp8Config``: how Fp8Linear scales and multiplies. Typed, validated at construction."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from fp8train._validate import check_choice, check_int_range, check_type
+from fp8train.formats import FP8_FORMATS, Fp8Format, format_by_name
+from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
+
+__all__ = ["AMAX_ALGOS", "BACKENDS", "RECIPES", "Fp8Config"]
+
+RECIPES = ("current", "delayed", "constant")
+AMAX_ALGOS = ("max", "most_recent")
+BACKENDS = ("auto", "emulated", "scaled_mm", "te")
+
+
+@dataclass(kw_only=True, slots=True)
+class Fp8Config:
+    """FP8 settings of every converted linear layer.
+
+    recipe:             scale source for inputs, weights and output gradients:
+                        "current"  (FP8-AMAX) amax of the tensor being cast, just in time;
+                        "delayed"  scale from an amax history of the last ``amax_history_len``
+                                   casts (the first cast, with no history, uses its own amax);
+                        "constant" (FP8-CSCALE) fixed scale 2**constant_bias, no amax at all.
+    amax_history_len:   delayed recipe: history length L in casts (>= 1).
+    amax_compute_algo:  delayed recipe: "max" over the history or its "most_recent" entry.
+    margin:             extra powers of two of headroom: log2_scale = floor(log2(fmax/amax)) - margin.
+    constant_bias:      constant recipe: the scaling bias (log2 of the scale), same for every role.
+    backend:            GEMM engine: "emulated" (fp32 matmul of exact FP8 values, any device),
+                        "scaled_mm" (torch._scaled_mm: CUDA sm89+, and CPU in torch >= 2.13),
+                        "te" (Transformer Engine module, CUDA only, optional extra),
+                        "auto" (scaled_mm on CUDA sm89+, else emulated).
+    grad_output_format: format of output gradients: "e5m2" (default: gradients need range more
+                        than precision) or "e4m3" (allowed, with a warning: gradients beyond
+                        448 / scale saturate).
+    fast_cast:          use the compiled CPU cast kernel for large tensors (bit-identical to the
+                        eager cast; off only to avoid torch.compile start-up cost).
+    """
+
+    recipe: str = "current"
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"
+    margin: int = 0
+    constant_bias: int = 0
+    backend: str = "auto"
+    grad_output_format: str = "e5m2"
+    fast_cast: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "Fp8Config"
+        check_choice(owner, "recipe", self.recipe, RECIPES)
+        check_int_range(owner, "amax_history_len", self.amax_history_len, 1, 1 << 16)
+        check_choice(owner, "amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
+        check_int_range(owner, "margin", self.margin, 0, 64)
+        check_int_range(owner, "constant_bias", self.constant_bias, LOG2_SCALE_MIN, LOG2_SCALE_MAX)
+        check_choice(owner, "backend", self.backend, BACKENDS)
+        check_choice(owner, "grad_output_format", self.grad_output_format, tuple(FP8_FORMATS))
+        check_type(owner, "fast_cast", self.fast_cast, bool)
+        if self.backend == "te" and self.recipe == "constant":
+            raise ValueError("Fp8Config.recipe='constant' is not available with backend='te'; "
+                             "allowed recipes for te: 'current', 'delayed'")
+        if self.grad_output_format == "e4m3":
+            warnings.warn("Fp8Config.grad_output_format='e4m3': output gradients get 3 mantissa bits "
+                          "but only 2**17.8 of range; expect more saturation/underflow than 'e5m2'",
+                          UserWarning, stacklevel=3)
+
+    @property
+    def grad_output_fp8(self) -> Fp8Format:
+        return format_by_name(self.grad_output_format)

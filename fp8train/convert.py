@@ -1,0 +1,60 @@
+"""``convert_to_fp8``: swap eligible ``nn.Linear`` modules for ``Fp8Linear``, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from fp8train.config import Fp8Config
+from fp8train.linear import Fp8Linear
+
+__all__ = ["FP8_DIM_MULTIPLE", "convert_to_fp8", "is_fp8_eligible"]
+
+# FP8 tensor cores (and torch._scaled_mm) need both GEMM dims of the weight to be multiples of 16.
+FP8_DIM_MULTIPLE = 16
+
+
+def is_fp8_eligible(module: nn.Module) -> bool:
+    """A plain nn.Linear (not already FP8) whose in and out features are multiples of 16."""
+    return (isinstance(module, nn.Linear) and not isinstance(module, Fp8Linear)
+            and module.in_features % FP8_DIM_MULTIPLE == 0 and module.out_features % FP8_DIM_MULTIPLE == 0)
+
+
+def _output_head_fqn(model: nn.Module) -> str | None:
+    """The output head: the last nn.Linear in registration order (lm_head in GPT, Llama and HF
+    causal-LM classes). Its logits feed a softmax over the vocabulary, where FP8's 3 mantissa bits
+    cost the most loss; frameworks keep it in high precision by default."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def convert_to_fp8(
+    model: nn.Module,
+    *,
+    config: Fp8Config | None = None,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    skip_output_head: bool = True,
+) -> nn.Module:
+    """Replace eligible ``nn.Linear`` modules of ``model`` by ``Fp8Linear``, in place; returns model.
+
+    A module is converted when it is eligible (``is_fp8_eligible``), is not the output head (unless
+    ``skip_output_head=False``), and ``module_filter_fn(module, fqn)`` returns True (when given).
+    Parameters are reused, not copied: their names, values and identity are unchanged, so a
+    state_dict saved before conversion loads after it, and an existing optimizer keeps working.
+    Nothing in torch is patched.
+    """
+    config = config or Fp8Config()
+    head = _output_head_fqn(model) if skip_output_head else None
+    targets = []
+    for fqn, module in model.named_modules():
+        if fqn == head or not is_fp8_eligible(module):
+            continue
+        if module_filter_fn is not None and not module_filter_fn(module, fqn):
+            continue
+        targets.append(fqn)
+    for fqn in targets:
+        parent_name, _, child_name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, Fp8Linear.from_linear(getattr(parent, child_name), config))
+    return model

@@ -1,0 +1,124 @@
+"""``Fp8Linear``: an ``nn.Linear`` whose three GEMMs run on FP8 operands.
+
+Forward:   y  = x_e4m3 @ w_e4m3^T * (sx^-1 sw^-1) + b          (B..., in) -> (B..., out)
+Backward:  dx = dy_e5m2 @ w_e4m3 * (sdy^-1 sw^-1)               dgrad, (M, out) @ (out, in)
+           dw = dy_e5m2^T @ x_e4m3 * (sdy^-1 sx^-1)             wgrad, (out, M) @ (M, in)
+           db = sum(dy) in fp32
+Outputs and gradients are high precision: y and dx in the input's dtype, dw in the weight's dtype.
+The weight gradient therefore accumulates across micro-steps in high precision (autograd adds into
+``weight.grad``) and is quantized once, at the step boundary, by the gradient communication.
+Saved for backward are the FP8 copies of x and w (1 byte per element instead of 2 or 4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fp8train.config import Fp8Config
+from fp8train.formats import E4M3
+from fp8train.gemm import fp8_mm
+from fp8train.recipes import ScalingState
+from fp8train.tensor import Fp8Tensor
+
+__all__ = ["Fp8Linear"]
+
+_SCALING_ROLES = ("input_scaling", "weight_scaling", "grad_output_scaling")
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                layer: Fp8Linear) -> torch.Tensor:
+        x_2d = x.reshape(-1, x.shape[-1])                                  # (M, in)
+        x_fp8 = layer.input_scaling.quantize(x_2d)
+        w_fp8 = layer.weight_scaling.quantize(weight)                      # (out, in)
+        y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend)      # (M, out) fp32
+        if bias is not None:
+            y_2d = y_2d + bias.to(torch.float32)
+        ctx.save_for_backward(x_fp8.data, x_fp8.scale_inv, w_fp8.data, w_fp8.scale_inv)
+        ctx.layer = layer
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y_2d.to(x.dtype).reshape(*x.shape[:-1], y_2d.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        x_data, x_scale_inv, w_data, w_scale_inv = ctx.saved_tensors
+        layer: Fp8Linear = ctx.layer
+        backend = layer.config.backend
+        x_fp8 = Fp8Tensor(data=x_data, scale_inv=x_scale_inv, orig_dtype=ctx.x_dtype)
+        w_fp8 = Fp8Tensor(data=w_data, scale_inv=w_scale_inv, orig_dtype=ctx.w_dtype)
+        dy_2d = dy.reshape(-1, dy.shape[-1])                               # (M, out)
+        dy_fp8 = layer.grad_output_scaling.quantize(dy_2d)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx_2d = fp8_mm(dy_fp8, w_fp8, backend=backend)                 # (M, in)
+            dx = dx_2d.to(ctx.x_dtype).reshape(*dy.shape[:-1], dx_2d.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dw = fp8_mm(dy_fp8.t(), x_fp8, backend=backend).to(ctx.w_dtype)  # (out, in)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy_2d.to(torch.float32).sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None
+
+
+class Fp8Linear(nn.Linear):
+    """Drop-in ``nn.Linear`` (same ``weight`` / ``bias`` parameters and names) computing in FP8.
+
+    Extra state, in the module's ``state_dict``: one ``ScalingState`` per tensor role --
+    ``input_scaling`` and ``weight_scaling`` (E4M3), ``grad_output_scaling`` (E5M2 by default).
+    A state_dict from a plain ``nn.Linear`` loads too: absent scaling state keeps its initial value.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 config: Fp8Config | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config or Fp8Config()
+        state_device = self.weight.device
+        self.input_scaling = ScalingState(E4M3, self.config, device=state_device)
+        self.weight_scaling = ScalingState(E4M3, self.config, device=state_device)
+        self.grad_output_scaling = ScalingState(self.config.grad_output_fp8, self.config, device=state_device)
+        self._te_layer = None  # built on first forward with backend "te"; not a submodule
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Fp8Config) -> Fp8Linear:
+        """Wraps ``linear``'s own Parameter objects (no copy), so optimizers and tied references
+        that hold them stay valid."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    config=config, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        for role in _SCALING_ROLES:
+            setattr(layer, role, getattr(layer, role).to_empty(device=linear.weight.device))
+        layer._reset_scaling_state()
+        return layer
+
+    def _reset_scaling_state(self) -> None:
+        fresh = {role: ScalingState(getattr(self, role).fmt, self.config, device=self.weight.device)
+                 for role in _SCALING_ROLES}
+        for role, state in fresh.items():
+            getattr(self, role).load_state_dict(state.state_dict())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.backend == "te":
+            from fp8train._te import te_linear_forward
+
+            return te_linear_forward(self, x)
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state_dict from a high-precision model has no scaling state for this layer at all:
+        # fill in the current (initial) values so that strict loading succeeds. A state_dict that
+        # has some of it is loaded as is, so a truncated FP8 checkpoint still fails loudly.
+        scaling_prefixes = tuple(f"{prefix}{role}." for role in _SCALING_ROLES)
+        if not any(key.startswith(scaling_prefixes) for key in state_dict):
+            for role in _SCALING_ROLES:
+                for name, buf in getattr(self, role).named_buffers():
+                    state_dict[f"{prefix}{role}.{name}"] = buf.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

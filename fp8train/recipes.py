@@ -1,0 +1,90 @@
+"""``ScalingState``: the scale of one tensor role (input, weight, grad_output) of one layer.
+
+An ``nn.Module`` so that its buffers (amax history, scale, event counters) travel with the model's
+``state_dict``: delayed scaling is only resumable if its history is checkpointed. Every update is
+tensor arithmetic (no ``.item()``): counters are read when a monitor samples them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8train.cast import cast_to_fp8
+from fp8train.config import Fp8Config
+from fp8train.formats import Fp8Format
+from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
+from fp8train.tensor import Fp8Tensor
+
+__all__ = ["ScalingState"]
+
+
+class ScalingState(nn.Module):
+    """Buffers:
+    amax_history:     (L,) fp32, most recent first; zeros before L casts have happened (zeros never
+                      win a max, so the warm-up needs no special case). Non-finite amaxes are
+                      recorded as 0 so one overflow does not freeze the scale for L steps.
+    log2_scale:       () fp32, scaling bias used by the next cast (delayed) / the last (current).
+    n_casts:          () int64, casts so far.
+    n_amax_zero:      () int64, casts whose amax was 0 (previous scale kept).
+    n_amax_nonfinite: () int64, casts whose amax was inf/nan (previous scale kept; overflow).
+    """
+
+    def __init__(self, fmt: Fp8Format, config: Fp8Config, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.recipe = config.recipe
+        self.margin = config.margin
+        self.amax_compute_algo = config.amax_compute_algo
+        self.fast_cast = config.fast_cast
+        history_len = config.amax_history_len if config.recipe == "delayed" else 1
+        initial_log2 = float(config.constant_bias) if config.recipe == "constant" else 0.0
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.register_buffer("amax_history", torch.zeros(history_len, **f32))
+        self.register_buffer("log2_scale", torch.tensor(initial_log2, **f32))
+        self.register_buffer("n_casts", torch.zeros((), **i64))
+        self.register_buffer("n_amax_zero", torch.zeros((), **i64))
+        self.register_buffer("n_amax_nonfinite", torch.zeros((), **i64))
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt.name}, recipe={self.recipe}, history={self.amax_history.numel()}"
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.exp2(self.log2_scale)
+
+    def _history_amax(self) -> torch.Tensor:
+        if self.amax_compute_algo == "most_recent":
+            return self.amax_history[0]
+        return self.amax_history.max()
+
+    def _record(self, amax: torch.Tensor) -> None:
+        finite = torch.isfinite(amax)
+        self.n_casts += 1
+        self.n_amax_zero += (amax == 0).to(torch.int64)
+        self.n_amax_nonfinite += (~finite).to(torch.int64)
+        recorded = torch.where(finite, amax, torch.zeros_like(amax))
+        self.amax_history.copy_(torch.cat([recorded.reshape(1), self.amax_history[:-1]]))
+
+    @torch.no_grad()
+    def quantize(self, x_hp: torch.Tensor) -> Fp8Tensor:
+        """Cast ``x_hp`` with this role's scale and update the state (see the recipes in Fp8Config)."""
+        if self.recipe == "constant":
+            log2_scale = self.log2_scale
+        else:
+            amax = tensor_to_amax(x_hp)
+            current = amax_to_log2_scale(amax, self.fmt, margin=self.margin, prev_log2_scale=self.log2_scale)
+            if self.recipe == "current":
+                log2_scale = current
+            else:  # delayed: the scale derived from history; the very first cast uses its own amax
+                log2_scale = torch.where(self.n_casts > 0, self.log2_scale, current)
+            self._record(amax)
+            if self.recipe == "current":
+                self.log2_scale.copy_(current)
+            else:
+                self.log2_scale.copy_(amax_to_log2_scale(self._history_amax(), self.fmt, margin=self.margin,
+                                                         prev_log2_scale=log2_scale))
+        scale = torch.exp2(log2_scale)
+        x_fp8 = cast_to_fp8(x_hp, scale, self.fmt, fast=self.fast_cast)
+        return Fp8Tensor(data=x_fp8, scale_inv=torch.exp2(-log2_scale), orig_dtype=x_hp.dtype)

@@ -1,0 +1,88 @@
+"""``Fp8Tensor``: FP8 data plus the fp32 ``scale_inv`` that decodes it, and ``quantize``.
+
+A plain container, not a ``torch.Tensor`` subclass: FP8 values only ever meet high-precision ones in
+explicit GEMM and optimizer code, so no operator dispatch is needed (and nothing in torch is patched).
+``data`` is a real float8 tensor; it is viewed as uint8 only at the wire (comm/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp8train.cast import Fp8CastStats, cast_to_fp8, quantization_stats
+from fp8train.formats import E4M3, FP8_FORMATS, Fp8Format
+from fp8train.scaling import amax_to_scale, tensor_to_amax
+
+__all__ = ["Fp8Tensor", "dequantize", "quantize"]
+
+
+@dataclass(kw_only=True, slots=True)
+class Fp8Tensor:
+    """data:       float8 tensor (``fmt.dtype``), the stored value ``x * scale``.
+    scale_inv:  0-d fp32 tensor, ``1 / scale`` (a power of two): ``x ~= data * scale_inv``.
+    orig_dtype: the high-precision dtype the values came from and ``dequantize`` returns.
+    stats:      element counts of the cast, when asked for (``quantize(..., with_stats=True)``).
+    """
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    orig_dtype: torch.dtype
+    stats: Fp8CastStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.dtype not in {f.dtype for f in FP8_FORMATS.values()}:
+            raise ValueError(f"Fp8Tensor.data must be a float8 dtype, got {self.data.dtype}")
+
+    @property
+    def fmt(self) -> Fp8Format:
+        return next(f for f in FP8_FORMATS.values() if f.dtype == self.data.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def log2_scale(self) -> torch.Tensor:
+        """The scaling bias: log2 of the scale (an integer-valued fp32 tensor)."""
+        return -torch.log2(self.scale_inv)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """data * scale_inv in fp32 (exact: a power-of-two scale), then cast to ``dtype``
+        (default ``orig_dtype``)."""
+        x_fp32 = self.data.to(torch.float32) * self.scale_inv
+        return x_fp32.to(dtype or self.orig_dtype)
+
+    def t(self) -> Fp8Tensor:
+        """Transposed view of a 2-D tensor, same scale."""
+        return Fp8Tensor(data=self.data.t(), scale_inv=self.scale_inv, orig_dtype=self.orig_dtype)
+
+
+def quantize(
+    x_hp: torch.Tensor,
+    fmt: Fp8Format = E4M3,
+    *,
+    scale: torch.Tensor | None = None,
+    margin: int = 0,
+    with_stats: bool = False,
+    fast: bool = True,
+) -> Fp8Tensor:
+    """Quantize a high-precision tensor to FP8.
+
+    scale:      power-of-two fp32 scale to use; default: just-in-time from this tensor's amax
+                (the ``current`` recipe), with ``margin`` extra powers of two of headroom.
+    with_stats: also count saturated / underflowed / non-finite elements (extra passes).
+    fast:       allow the compiled CPU cast kernel for large tensors (bit-identical).
+    """
+    if scale is None:
+        scale = amax_to_scale(tensor_to_amax(x_hp), fmt, margin=margin)
+    scale = scale.to(device=x_hp.device, dtype=torch.float32)
+    x_fp8 = cast_to_fp8(x_hp, scale, fmt, fast=fast)
+    stats = quantization_stats(x_hp, scale, x_fp8, fmt) if with_stats else None
+    return Fp8Tensor(data=x_fp8, scale_inv=scale.reciprocal(), orig_dtype=x_hp.dtype, stats=stats)
+
+
+def dequantize(x: Fp8Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Functional form of ``Fp8Tensor.dequantize``."""
+    return x.dequantize(dtype)
