@@ -5,7 +5,8 @@ Semantics (``cast_to_fp8_reference``): ``q = clamp(x_fp32 * scale, -fmax, fmax).
     +-inf -> +-448) but overflows E5M2 to inf, so relying on it would make the two formats behave
     differently and hide overflow. Overflow is detected from amax *before* the cast (scaling.py).
   - Rounding is round-to-nearest-even; values below half the smallest subnormal flush to (signed) 0.
-  - NaN stays NaN (code 0x7F, sign kept); +-inf becomes +-fmax and counts as saturated.
+  - NaN stays NaN (the sign of a NaN is not part of the contract: x86 min/max may flip it; the
+    fast path always writes 0x7F); +-inf becomes +-fmax and counts as saturated.
 
 Fast path (``_cast_bits``): the same function written with fp32 bit arithmetic so that inductor can
 vectorise it on CPU (torch's scalar float->fp8 conversion routine is the bottleneck of the plain
@@ -57,8 +58,8 @@ def _cast_bits(x_hp: torch.Tensor, scale: torch.Tensor, out_u8: torch.Tensor, fm
     y_abs = y.abs()
     code_subnormal = torch.round(y_abs * (1.0 / fmt.min_subnormal))  # round() is half-to-even
     code = torch.where(y_abs < fmt.min_normal, code_subnormal, code_normal)
-    code = torch.where(y != y, 127.0, code)  # NaN -> 0x7F (a NaN code in both formats)
-    code = code + torch.where(bits < 0, 128.0, 0.0)  # sign bit, also for -0 and -NaN
+    code = code + torch.where(bits < 0, 128.0, 0.0)  # sign bit, also for -0
+    code = torch.where(y != y, 127.0, code)  # NaN -> 0x7F, a NaN code in both formats
     out_u8.copy_(code.to(torch.uint8).view(out_u8.shape))
 
 

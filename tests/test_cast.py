@@ -1,0 +1,123 @@
+"""FP8 formats and the cast: bit-exact against ml_dtypes (an independent implementation) and
+between our eager reference and the compiled CPU fast path (tier 1: the cast is a deterministic
+function, so any difference is a bug)."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from fp8train import E4M3, E5M2, Fp8Format, cast_to_fp8, quantization_stats
+from fp8train.cast import FAST_CAST_MIN_NUMEL, cast_to_fp8_reference
+
+FORMATS = [E4M3, E5M2]
+ML_DTYPE = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
+ONE = torch.tensor(1.0)
+
+
+def _codes(x_fp8: torch.Tensor) -> torch.Tensor:
+    return x_fp8.view(torch.uint8)
+
+
+def _ml_codes(x: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    return torch.from_numpy(x.numpy().astype(ML_DTYPE[fmt.name]).view(np.uint8).copy())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_format_constants_match_torch_finfo(fmt: Fp8Format) -> None:
+    info = torch.finfo(fmt.dtype)
+    assert (fmt.max, fmt.min_normal) == (info.max, info.smallest_normal)
+    assert fmt.min_subnormal == fmt.min_normal * 2.0**-fmt.mantissa_bits
+    assert fmt.log2_max == pytest.approx(math.log2(info.max))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_all_256_codes_decode_like_ml_dtypes_and_round_trip(fmt: Fp8Format) -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    ours = codes.view(fmt.dtype).to(torch.float32)
+    ref = torch.from_numpy(codes.numpy().view(ML_DTYPE[fmt.name]).astype(np.float32))
+    assert torch.equal(ours.isnan(), ref.isnan())
+    finite = ~ref.isnan() & ~ref.isinf()
+    assert torch.equal(ours[finite], ref[finite])
+    assert torch.equal(ours.signbit(), ref.signbit())  # -0 included
+    # every finite code survives decode -> our cast (both paths), bit for bit
+    for fast in (False, True):
+        values = ours[finite].repeat(FAST_CAST_MIN_NUMEL // int(finite.sum()) + 1)
+        recoded = _codes(cast_to_fp8(values, ONE, fmt, fast=fast))
+        assert torch.equal(recoded, codes[finite].repeat(recoded.numel() // int(finite.sum())))
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_random_values_in_range_match_ml_dtypes_bit_for_bit(fmt: Fp8Format, fast: bool) -> None:
+    n = 1 << 20  # >= 1e6 values, log-uniform magnitudes over the whole range incl. subnormals
+    log2_mag = torch.empty(n).uniform_(math.log2(fmt.min_subnormal) - 2, fmt.log2_max)
+    x = torch.exp2(log2_mag) * torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    x = x.clamp(-fmt.max, fmt.max)
+    # ties exactly halfway between two FP8 neighbours exercise round-to-nearest-even
+    x[:4096] = torch.arange(4096, dtype=torch.float32) * fmt.min_subnormal / 2
+    assert torch.equal(_codes(cast_to_fp8(x, ONE, fmt, fast=fast)), _ml_codes(x, fmt))
+
+
+def _edge_table(fmt: Fp8Format) -> list[tuple[str, float, float]]:
+    """(case, input, documented output) -- documented in fp8train/cast.py."""
+    eps = 2.0**-(fmt.mantissa_bits + 1)  # half an ulp at fmax, relative
+    return [
+        ("max", fmt.max, fmt.max),
+        ("max*(1+eps) saturates", fmt.max * (1 + eps), fmt.max),
+        ("max*(1-eps/2) rounds to max", fmt.max * (1 - eps / 2), fmt.max),
+        ("-max*4 saturates", -fmt.max * 4, -fmt.max),
+        ("smallest subnormal", fmt.min_subnormal, fmt.min_subnormal),
+        ("half the smallest subnormal ties to even (0)", fmt.min_subnormal / 2, 0.0),
+        ("0.75 smallest subnormal rounds up", fmt.min_subnormal * 0.75, fmt.min_subnormal),
+        ("smallest normal", fmt.min_normal, fmt.min_normal),
+        ("zero", 0.0, 0.0),
+        ("negative zero", -0.0, -0.0),
+        ("+inf saturates to max", math.inf, fmt.max),
+        ("-inf saturates to -max", -math.inf, -fmt.max),
+        ("nan stays nan", math.nan, math.nan),
+    ]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_edge_table(fmt: Fp8Format, fast: bool) -> None:
+    table = _edge_table(fmt)
+    # pad to the fast path's minimum size with zeros; the table sits at the front
+    x = torch.zeros(FAST_CAST_MIN_NUMEL)
+    x[: len(table)] = torch.tensor([value for _, value, _ in table])
+    got = cast_to_fp8(x, ONE, fmt, fast=fast)[: len(table)].to(torch.float32)
+    for i, (case, _, expected) in enumerate(table):
+        if math.isnan(expected):
+            assert got[i].isnan(), case
+        else:
+            assert got[i].item() == expected, case
+            assert bool(got[i].signbit()) == (math.copysign(1.0, expected) < 0), case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_fast_path_equals_reference_for_scaled_inputs(fmt: Fp8Format, dtype: torch.dtype) -> None:
+    x = (torch.randn(3 * FAST_CAST_MIN_NUMEL + 7) * 30).to(dtype)
+    x[::997] = torch.tensor([math.nan, math.inf, -math.inf, -0.0] * 1000)[: x[::997].numel()].to(dtype)
+    for log2_scale in (-20.0, -3.0, 0.0, 5.0, 24.0):
+        scale = torch.tensor(2.0**log2_scale)
+        fast = cast_to_fp8(x, scale, fmt, fast=True)
+        ref = cast_to_fp8_reference(x, scale, fmt)
+        nan = ref.to(torch.float32).isnan()
+        assert torch.equal(fast.to(torch.float32).isnan(), nan)  # NaN sign is not part of the contract
+        assert torch.equal(_codes(fast)[~nan], _codes(ref)[~nan]), (fmt.name, dtype, log2_scale)
+
+
+def test_quantization_stats_count_saturation_underflow_and_nonfinite() -> None:
+    x = torch.tensor([1.0, 500.0, -1e6, math.inf, math.nan, 1e-4, 0.0, 2.0**-9])
+    x_fp8 = cast_to_fp8(x, ONE, E4M3)
+    stats = quantization_stats(x, ONE, x_fp8, E4M3)
+    assert stats.numel == 8
+    assert int(stats.saturated) == 3  # 500, -1e6, inf (nan is not counted)
+    assert int(stats.underflowed) == 1  # 1e-4 < 2**-10 flushes to 0; 2**-9 survives
+    assert int(stats.nonfinite) == 2
