@@ -64,32 +64,42 @@ def _cast_bits(x_hp: torch.Tensor, scale: torch.Tensor, out_u8: torch.Tensor, fm
 
 
 @functools.cache
-def _compiled_cast_bits():
-    """The bit-level cast compiled once per process (dynamic shapes: one kernel for every numel)."""
-    return torch.compile(_cast_bits, dynamic=True, fullgraph=True)
+def _compiled_cast_bits(fmt_name: str):
+    """The bit-level cast for one format, compiled once per process (dynamic shapes: one kernel for
+    every numel). The format is bound here, not passed as an argument, so that its constants are
+    baked into the kernel instead of becoming dynamic float inputs."""
+    return torch.compile(functools.partial(_cast_bits, fmt_name=fmt_name), fullgraph=True)
 
 
 def _use_fast_path(x_hp: torch.Tensor, fast: bool) -> bool:
     return fast and x_hp.device.type == "cpu" and x_hp.is_contiguous() and x_hp.numel() >= FAST_CAST_MIN_NUMEL
 
 
-def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format, *, fast: bool = True) -> torch.Tensor:
+def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format, *, fast: bool = True,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``clamp(x_hp * scale, -fmax, fmax)`` rounded to ``fmt`` (see module docstring).
 
     ``scale`` is a 0-d fp32 tensor on x's device. With ``fast`` (default), large contiguous CPU
     tensors go through the compiled kernel, bit-identical to the reference; if compilation is not
     possible on this machine (no C++ compiler), a warning is given and the reference is used.
+    ``out``: a preallocated contiguous ``fmt.dtype`` tensor of x's shape to write into. Reusing
+    buffers matters on CPU: a fresh multi-MB allocation is mmap'd and page-faulted on every call.
     """
-    if not _use_fast_path(x_hp, fast):
-        return cast_to_fp8_reference(x_hp, scale, fmt)
-    out_u8 = torch.empty(x_hp.shape, dtype=torch.uint8, device=x_hp.device)
-    try:
-        _compiled_cast_bits()(x_hp.reshape(-1), scale.to(torch.float32), out_u8.view(-1), fmt.name)
-    except Exception as err:  # compilation needs a C++ toolchain; the reference needs none
-        warnings.warn(f"fp8train: compiled CPU FP8 cast unavailable ({type(err).__name__}: {err}); "
-                      "using the eager cast", RuntimeWarning, stacklevel=2)
-        return cast_to_fp8_reference(x_hp, scale, fmt)
-    return out_u8.view(fmt.dtype)
+    if out is not None and (out.dtype != fmt.dtype or out.shape != x_hp.shape or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {fmt.dtype} tensor of shape {tuple(x_hp.shape)}")
+    if _use_fast_path(x_hp, fast):
+        out_u8 = torch.empty(x_hp.shape, dtype=torch.uint8, device=x_hp.device) if out is None else out.view(torch.uint8)
+        try:
+            x_flat, out_flat = x_hp.reshape(-1), out_u8.view(-1)
+            torch._dynamo.mark_dynamic(x_flat, 0)  # one kernel for every numel, no recompiles
+            torch._dynamo.mark_dynamic(out_flat, 0)
+            _compiled_cast_bits(fmt.name)(x_flat, scale.to(torch.float32), out_flat)
+            return out_u8.view(fmt.dtype)
+        except Exception as err:  # compilation needs a C++ toolchain; the reference needs none
+            warnings.warn(f"fp8train: compiled CPU FP8 cast unavailable ({type(err).__name__}: {err}); "
+                          "using the eager cast", RuntimeWarning, stacklevel=2)
+    x_fp8 = cast_to_fp8_reference(x_hp, scale, fmt)
+    return x_fp8 if out is None else out.copy_(x_fp8)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

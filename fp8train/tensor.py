@@ -67,6 +67,7 @@ def quantize(
     margin: int = 0,
     with_stats: bool = False,
     fast: bool = True,
+    out: torch.Tensor | None = None,
 ) -> Fp8Tensor:
     """Quantize a high-precision tensor to FP8.
 
@@ -74,11 +75,12 @@ def quantize(
                 (the ``current`` recipe), with ``margin`` extra powers of two of headroom.
     with_stats: also count saturated / underflowed / non-finite elements (extra passes).
     fast:       allow the compiled CPU cast kernel for large tensors (bit-identical).
+    out:        preallocated ``fmt.dtype`` tensor of x's shape to write the data into.
     """
     if scale is None:
         scale = amax_to_scale(tensor_to_amax(x_hp), fmt, margin=margin)
     scale = scale.to(device=x_hp.device, dtype=torch.float32)
-    x_fp8 = cast_to_fp8(x_hp, scale, fmt, fast=fast)
+    x_fp8 = cast_to_fp8(x_hp, scale, fmt, fast=fast, out=out)
     stats = quantization_stats(x_hp, scale, x_fp8, fmt) if with_stats else None
     return Fp8Tensor(data=x_fp8, scale_inv=scale.reciprocal(), orig_dtype=x_hp.dtype, stats=stats)
 

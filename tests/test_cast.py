@@ -121,3 +121,14 @@ def test_quantization_stats_count_saturation_underflow_and_nonfinite() -> None:
     assert int(stats.saturated) == 3  # 500, -1e6, inf (nan is not counted)
     assert int(stats.underflowed) == 1  # 1e-4 < 2**-10 flushes to 0; 2**-9 survives
     assert int(stats.nonfinite) == 2
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_cast_into_a_preallocated_buffer(fast: bool) -> None:
+    x = torch.randn(FAST_CAST_MIN_NUMEL) * 100
+    out = torch.empty(x.shape, dtype=E4M3.dtype)
+    result = cast_to_fp8(x, ONE, E4M3, fast=fast, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(_codes(out), _codes(cast_to_fp8_reference(x, ONE, E4M3)))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        cast_to_fp8(x, ONE, E5M2, fast=fast, out=out)
