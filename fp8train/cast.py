@@ -90,7 +90,8 @@ def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format, *, fast
     if _use_fast_path(x_hp, fast):
         out_u8 = torch.empty(x_hp.shape, dtype=torch.uint8, device=x_hp.device) if out is None else out.view(torch.uint8)
         try:
-            x_flat, out_flat = x_hp.reshape(-1), out_u8.view(-1)
+            # detach: requires_grad would be one more guard, i.e. one more compiled variant
+            x_flat, out_flat = x_hp.detach().reshape(-1), out_u8.view(-1)
             torch._dynamo.mark_dynamic(x_flat, 0)  # one kernel for every numel, no recompiles
             torch._dynamo.mark_dynamic(out_flat, 0)
             _compiled_cast_bits(fmt.name)(x_flat, scale.to(torch.float32), out_flat)

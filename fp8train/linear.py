@@ -1,6 +1,7 @@
 """``Fp8Linear``: an ``nn.Linear`` whose three GEMMs run on FP8 operands.
 
 Forward:   y  = x_e4m3 @ w_e4m3^T * (sx^-1 sw^-1) + b          (B..., in) -> (B..., out)
+           (fp32 accumulation; y rounded to x's dtype, then + b in that dtype)
 Backward:  dx = dy_e5m2 @ w_e4m3 * (sdy^-1 sw^-1)               dgrad, (M, out) @ (out, in)
            dw = dy_e5m2^T @ x_e4m3 * (sdy^-1 sx^-1)             wgrad, (out, M) @ (M, in)
            db = sum(dy) in fp32
@@ -35,14 +36,16 @@ class _Fp8LinearFn(torch.autograd.Function):
         x_2d = x.reshape(-1, x.shape[-1])                                  # (M, in)
         x_fp8 = layer.input_scaling.quantize(x_2d)
         w_fp8 = layer.weight_scaling.quantize(weight)                      # (out, in)
-        y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend)      # (M, out) fp32
+        # The GEMM writes the input's dtype directly (fp32 accumulation inside); the bias is added
+        # in that precision, as nn.Linear does under autocast.
+        y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend, out_dtype=x.dtype)  # (M, out)
         if bias is not None:
-            y_2d = y_2d + bias.to(torch.float32)
+            y_2d = y_2d + bias.to(x.dtype)
         ctx.save_for_backward(x_fp8.data, x_fp8.scale_inv, w_fp8.data, w_fp8.scale_inv)
         ctx.layer = layer
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y_2d.to(x.dtype).reshape(*x.shape[:-1], y_2d.shape[-1])
+        return y_2d.reshape(*x.shape[:-1], y_2d.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
@@ -55,10 +58,10 @@ class _Fp8LinearFn(torch.autograd.Function):
         dy_fp8 = layer.grad_output_scaling.quantize(dy_2d)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx_2d = fp8_mm(dy_fp8, w_fp8, backend=backend)                 # (M, in)
-            dx = dx_2d.to(ctx.x_dtype).reshape(*dy.shape[:-1], dx_2d.shape[-1])
+            dx_2d = fp8_mm(dy_fp8, w_fp8, backend=backend, out_dtype=ctx.x_dtype)    # (M, in)
+            dx = dx_2d.reshape(*dy.shape[:-1], dx_2d.shape[-1])
         if ctx.needs_input_grad[1]:
-            dw = fp8_mm(dy_fp8.t(), x_fp8, backend=backend).to(ctx.w_dtype)  # (out, in)
+            dw = fp8_mm(dy_fp8.t(), x_fp8, backend=backend, out_dtype=ctx.w_dtype)  # (out, in)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy_2d.to(torch.float32).sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None

@@ -132,3 +132,16 @@ def test_cast_into_a_preallocated_buffer(fast: bool) -> None:
     assert torch.equal(_codes(out), _codes(cast_to_fp8_reference(x, ONE, E4M3)))
     with pytest.raises(ValueError, match="out must be a contiguous"):
         cast_to_fp8(x, ONE, E5M2, fast=fast, out=out)
+
+
+def test_compiled_cast_does_not_recompile_for_new_sizes_or_autograd_inputs() -> None:
+    from torch._dynamo.utils import counters
+
+    scale = torch.tensor(4.0)
+    cast_to_fp8(torch.randn(FAST_CAST_MIN_NUMEL), scale, E4M3)  # warm: compiled once per format/dtype
+    graphs_before = counters["stats"]["unique_graphs"]
+    for numel in (FAST_CAST_MIN_NUMEL + 1, 3 * FAST_CAST_MIN_NUMEL + 5, 1 << 20):
+        for requires_grad in (False, True):
+            x = torch.randn(numel, requires_grad=requires_grad)
+            assert torch.equal(_codes(cast_to_fp8(x, scale, E4M3)), _codes(cast_to_fp8_reference(x.detach(), scale, E4M3)))
+    assert counters["stats"]["unique_graphs"] == graphs_before

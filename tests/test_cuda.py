@@ -1,0 +1,72 @@
+"""The GPU paths: run where CUDA is present (skipped, and reported as skipped, on CPU-only CI).
+
+On CPU the same logic is covered by test_linear.py (scaled_mm runs on CPU in torch >= 2.13); here
+the real sm89+ FP8 tensor-core path and the CUDA cast are checked against the CPU emulation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sqnr_db
+
+from fp8train import E4M3, E5M2, Fp8Config, Fp8Linear, fp8_mm, quantize
+from fp8train.cast import cast_to_fp8_reference
+from fp8train.gemm import resolve_backend, supports_scaled_mm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_cuda_cast_is_bit_identical_to_the_cpu_cast(fmt) -> None:
+    x = torch.randn(1 << 20) * 1000
+    x[::1001] = float("nan")
+    scale = torch.tensor(2.0**-3)
+    cpu = cast_to_fp8_reference(x, scale, fmt).view(torch.uint8)
+    gpu = cast_to_fp8_reference(x.to(CUDA), scale.to(CUDA), fmt).view(torch.uint8).cpu()
+    nan = x.isnan()
+    assert torch.equal(cpu[~nan], gpu[~nan])
+    assert gpu.view(fmt.dtype).float()[nan].isnan().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not supports_scaled_mm(torch.device("cuda")),
+                    reason="needs CUDA compute capability >= 8.9")
+@pytest.mark.parametrize(("m", "k", "n"), [(256, 512, 384), (100, 40, 24)])
+def test_tensor_core_gemm_matches_cpu_emulation(m: int, k: int, n: int) -> None:
+    a = quantize(torch.randn(m, k), E4M3)
+    b = quantize(torch.randn(k, n), E4M3)
+    g = quantize(torch.randn(m, n) * 1e-3, E5M2)
+    assert resolve_backend("auto", CUDA) == "scaled_mm"
+    for x, y in [(a, b), (g, b.t()), (g.t(), a)]:
+        ref = fp8_mm(x, y, backend="emulated")
+        x_gpu = type(x)(data=x.data.to(CUDA), scale_inv=x.scale_inv.to(CUDA), orig_dtype=x.orig_dtype)
+        y_gpu = type(y)(data=y.data.to(CUDA), scale_inv=y.scale_inv.to(CUDA), orig_dtype=y.orig_dtype)
+        got = fp8_mm(x_gpu, y_gpu, backend="scaled_mm").cpu()
+        # Exact FP8 products, but Hopper's FP8 tensor cores accumulate with fewer than fp32's 24
+        # significant bits between promotions (about 14 bits reported for H800), so element-wise
+        # fp32 tolerances do not hold near cancellations. Normwise: 2**-14 per add over a random
+        # walk of K terms gives ~sqrt(K) * 6e-5 = 1.4e-3 at K=512; the bound is 4e-3, still ~10x
+        # below FP8 quantization noise itself (29 dB = 3.5e-2).
+        rel_err = ((got - ref).norm() / ref.norm()).item()
+        assert rel_err < 4e-3, rel_err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_on_cuda_meets_the_cpu_sqnr_floors(dtype: torch.dtype) -> None:
+    layer = Fp8Linear(256, 512, config=Fp8Config(backend="auto"), device=CUDA)
+    x = torch.randn(8, 64, 256, device=CUDA).to(dtype).requires_grad_()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w64 = layer.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    y64 = x64 @ w64.t() + layer.bias.detach().double()
+    y64.backward(dy.double())
+    assert y.dtype == dtype
+    assert sqnr_db(y64, y) > 26.0  # floors derived in test_linear.py
+    assert sqnr_db(x64.grad, x.grad) > 22.0
+    assert sqnr_db(w64.grad, layer.weight.grad) > 22.0
+    # a 512-term fp32 sum of N(0,1) values (|sum| ~ 22, ulp ~ 2e-6) in another order: rounding
+    # error grows like sqrt(n) ulps, so allow 1e-4 absolute (tier 3 with the sum's own scale)
+    torch.testing.assert_close(layer.bias.grad.double(), dy.double().sum((0, 1)), rtol=1e-5, atol=1e-4)
