@@ -8,23 +8,21 @@ Semantics (``cast_to_fp8_reference``): ``q = clamp(x_fp32 * scale, -fmax, fmax).
   - NaN stays NaN (the sign of a NaN is not part of the contract: x86 min/max may flip it; the
     fast path always writes 0x7F); +-inf becomes +-fmax and counts as saturated.
 
-Fast path (``_cast_bits``): the same function written with fp32 bit arithmetic so that inductor can
-vectorise it on CPU (torch's scalar float->fp8 conversion routine is the bottleneck of the plain
-chain). For |y| >= min_normal the FP8 code is the fp32 bit pattern rounded (to nearest even) at the
-FP8 mantissa width and re-biased; below min_normal the code is round(|y| / min_subnormal), which
-also yields min_normal's own code when a subnormal rounds up. The test suite checks the two paths
-bit-for-bit on every FP8 code, on edge tables and on millions of random values.
+Fast path (``_cast_cpu.py``): the same function in integer arithmetic on the input's bits, compiled
+once with torch.compile, for large contiguous fp32/bf16 CPU tensors. The test suite checks the two
+paths bit-for-bit on every FP8 code, on edge tables, on millions of random values and across the
+whole range of scales the fast path accepts.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from fp8train.formats import Fp8Format, format_by_name
+from fp8train._cast_cpu import fast_cast_into, fast_cast_supports
+from fp8train.formats import Fp8Format
 
 __all__ = [
     "FAST_CAST_MIN_NUMEL",
@@ -44,33 +42,6 @@ def cast_to_fp8_reference(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Forma
     return y.clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
 
-def _cast_bits(x_hp: torch.Tensor, scale: torch.Tensor, out_u8: torch.Tensor, fmt_name: str) -> None:
-    """Writes the FP8 codes of clamp(x * scale) into ``out_u8`` (uint8, same numel as x)."""
-    fmt = format_by_name(fmt_name)
-    shift = 23 - fmt.mantissa_bits  # fp32 mantissa bits dropped by the FP8 format
-    rebias = (127 - fmt.exponent_bias) << fmt.mantissa_bits
-    y = (x_hp.to(torch.float32) * scale).clamp(-fmt.max, fmt.max)
-    bits = y.view(torch.int32)
-    mag_bits = bits & 0x7FFFFFFF
-    # round-to-nearest-even at bit `shift`: add half an ulp minus one, plus the lowest kept bit
-    rounded = (mag_bits + ((1 << (shift - 1)) - 1) + ((mag_bits >> shift) & 1)) >> shift
-    code_normal = rounded.to(torch.float32) - float(rebias)
-    y_abs = y.abs()
-    code_subnormal = torch.round(y_abs * (1.0 / fmt.min_subnormal))  # round() is half-to-even
-    code = torch.where(y_abs < fmt.min_normal, code_subnormal, code_normal)
-    code = code + torch.where(bits < 0, 128.0, 0.0)  # sign bit, also for -0
-    code = torch.where(y != y, 127.0, code)  # NaN -> 0x7F, a NaN code in both formats
-    out_u8.copy_(code.to(torch.uint8).view(out_u8.shape))
-
-
-@functools.cache
-def _compiled_cast_bits(fmt_name: str):
-    """The bit-level cast for one format, compiled once per process (dynamic shapes: one kernel for
-    every numel). The format is bound here, not passed as an argument, so that its constants are
-    baked into the kernel instead of becoming dynamic float inputs."""
-    return torch.compile(functools.partial(_cast_bits, fmt_name=fmt_name), fullgraph=True)
-
-
 def _use_fast_path(x_hp: torch.Tensor, fast: bool) -> bool:
     return fast and x_hp.device.type == "cpu" and x_hp.is_contiguous() and x_hp.numel() >= FAST_CAST_MIN_NUMEL
 
@@ -79,22 +50,20 @@ def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format, *, fast
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``clamp(x_hp * scale, -fmax, fmax)`` rounded to ``fmt`` (see module docstring).
 
-    ``scale`` is a 0-d fp32 tensor on x's device. With ``fast`` (default), large contiguous CPU
-    tensors go through the compiled kernel, bit-identical to the reference; if compilation is not
-    possible on this machine (no C++ compiler), a warning is given and the reference is used.
+    ``scale`` is a 0-d fp32 tensor on x's device. With ``fast`` (default), large contiguous fp32 or
+    bf16 CPU tensors with a power-of-two scale go through the compiled kernel, bit-identical to the
+    reference; if compilation is not possible on this machine (no C++ compiler), a warning is
+    given and the reference is used.
     ``out``: a preallocated contiguous ``fmt.dtype`` tensor of x's shape to write into. Reusing
     buffers matters on CPU: a fresh multi-MB allocation is mmap'd and page-faulted on every call.
     """
     if out is not None and (out.dtype != fmt.dtype or out.shape != x_hp.shape or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {fmt.dtype} tensor of shape {tuple(x_hp.shape)}")
-    if _use_fast_path(x_hp, fast):
+    log2_scale = fast_cast_supports(x_hp, scale, fmt) if _use_fast_path(x_hp, fast) else None
+    if log2_scale is not None:
         out_u8 = torch.empty(x_hp.shape, dtype=torch.uint8, device=x_hp.device) if out is None else out.view(torch.uint8)
         try:
-            # detach: requires_grad would be one more guard, i.e. one more compiled variant
-            x_flat, out_flat = x_hp.detach().reshape(-1), out_u8.view(-1)
-            torch._dynamo.mark_dynamic(x_flat, 0)  # one kernel for every numel, no recompiles
-            torch._dynamo.mark_dynamic(out_flat, 0)
-            _compiled_cast_bits(fmt.name)(x_flat, scale.to(torch.float32), out_flat)
+            fast_cast_into(x_hp, log2_scale, fmt, out_u8)
             return out_u8.view(fmt.dtype)
         except Exception as err:  # compilation needs a C++ toolchain; the reference needs none
             warnings.warn(f"fp8train: compiled CPU FP8 cast unavailable ({type(err).__name__}: {err}); "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fp8train import E4M3, E5M2, Fp8Format, cast_to_fp8, quantization_stats
+from fp8train._cast_cpu import _log2_scale_range, fast_cast_supports
 from fp8train.cast import FAST_CAST_MIN_NUMEL, cast_to_fp8_reference
 
 FORMATS = [E4M3, E5M2]
@@ -102,10 +103,14 @@ def test_edge_table(fmt: Fp8Format, fast: bool) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_fast_path_equals_reference_for_scaled_inputs(fmt: Fp8Format, dtype: torch.dtype) -> None:
-    x = (torch.randn(3 * FAST_CAST_MIN_NUMEL + 7) * 30).to(dtype)
-    x[::997] = torch.tensor([math.nan, math.inf, -math.inf, -0.0] * 1000)[: x[::997].numel()].to(dtype)
-    for log2_scale in (-20.0, -3.0, 0.0, 5.0, 24.0):
+    lo, hi = _log2_scale_range(fmt)  # the fast path's accepted scales; beyond them: the reference
+    for log2_scale in (lo - 1, lo, -20, -3, 0, 5, 24, hi, hi + 1, 0.5):
         scale = torch.tensor(2.0**log2_scale)
+        # magnitudes around the FP8 range *at this scale*, plus fp32 subnormals, zeros and specials
+        x = torch.exp2(torch.empty(3 * FAST_CAST_MIN_NUMEL + 7).uniform_(-30, 20) - log2_scale)
+        x = (x * torch.where(torch.rand_like(x) < 0.5, -1.0, 1.0)).to(dtype)
+        specials = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-40, -3e38]
+        x[::997] = torch.tensor(specials * 1000)[: x[::997].numel()].to(dtype)
         fast = cast_to_fp8(x, scale, fmt, fast=True)
         ref = cast_to_fp8_reference(x, scale, fmt)
         nan = ref.to(torch.float32).isnan()
@@ -145,3 +150,14 @@ def test_compiled_cast_does_not_recompile_for_new_sizes_or_autograd_inputs() -> 
             x = torch.randn(numel, requires_grad=requires_grad)
             assert torch.equal(_codes(cast_to_fp8(x, scale, E4M3)), _codes(cast_to_fp8_reference(x.detach(), scale, E4M3)))
     assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_fast_path_accepts_power_of_two_scales_in_its_range_only(fmt: Fp8Format) -> None:
+    lo, hi = _log2_scale_range(fmt)
+    x = torch.zeros(8)
+    assert [fast_cast_supports(x, torch.tensor(2.0**k), fmt) for k in (lo, 0, hi)] == [lo, 0, hi]
+    for scale in (2.0 ** (lo - 1), 2.0 ** (hi + 1), 3.0, 0.75):
+        assert fast_cast_supports(x, torch.tensor(scale), fmt) is None, scale
+    assert fast_cast_supports(x.half(), torch.tensor(1.0), fmt) is None  # fp16 takes the reference
+    assert fast_cast_supports(x.bfloat16(), torch.tensor(1.0), fmt) == 0
