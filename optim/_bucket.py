@@ -1,0 +1,148 @@
+"""A bucket: the tensors of one param group that one call can update together (same device, same
+parameter and gradient dtypes), with the per-tensor coefficients and scales of this step.
+
+The step of a bucket has two passes because every scale is fresh (from the amax of the values it
+stores): pass 1 computes the new m, v, w and their amax without writing anything; the optimizer then
+decides (over all buckets) whether the step is skipped; pass 2 stores the states with the new scales
+and writes the parameters. The fused CPU kernel recomputes the update in pass 2 (cheaper than keeping
+12 bytes per element of fp32 temporaries); the eager path keeps its pass-1 lists.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fp8train.optim._eager import COEF_NAMES, _Lists, eager_amax, eager_store, eager_update
+from fp8train.optim._formats import PARAM_DTYPES, StateFormat
+from fp8train.optim._kernel import KernelArgs, load_kernel
+from fp8train.scaling import amax_to_log2_scale
+
+__all__ = ["Bucket", "coef_matrix", "fused_eligible"]
+
+_NO_MASTER = -1
+
+
+def coef_matrix(steps: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """(n, len(COEF_NAMES)) fp32 coefficients of this step for tensors at step numbers ``steps``
+    (the step being taken, >= 1). Computed in float64 and rounded once, as torch does with the Python
+    floats of its single-tensor AdamW."""
+    t = steps.to(torch.float64)
+    beta1, beta2 = group["betas"]
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    full = {
+        "one_minus_beta1": 1.0 - beta1, "beta2": beta2, "one_minus_beta2": 1.0 - beta2,
+        "decay": 1.0 - lr * wd, "eps": group["eps"], "grad_mul": -1.0 if group["maximize"] else 1.0,
+    }
+    computed = {"step_size": lr / (1.0 - beta1**t), "bc2_sqrt_inv": (1.0 - beta2**t).rsqrt()}
+    cols = [computed[name] if name in computed else torch.full_like(t, full[name]) for name in COEF_NAMES]
+    return torch.stack(cols, dim=1).to(torch.float32)
+
+
+def fused_eligible(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """The C kernel takes contiguous CPU tensors of the dtypes it decodes."""
+    return (param.device.type == "cpu" and grad.device == param.device and param.is_contiguous()
+            and grad.is_contiguous() and param.dtype in PARAM_DTYPES and grad.dtype in PARAM_DTYPES)
+
+
+def _ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+@dataclass(slots=True)
+class Bucket:
+    """params / grads / states: parallel lists (states are the optimizer's per-parameter dicts).
+    formats: (m, v, master) storage formats; master None when the parameter is the master.
+    coef:    (n, len(COEF_NAMES)) fp32 step coefficients.
+    fused:   run the C kernel (CPU, contiguous, kernel built) instead of the foreach path."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    formats: tuple[StateFormat, StateFormat, StateFormat | None]
+    coef: torch.Tensor
+    fused: bool
+    log2_scale: torch.Tensor = field(init=False)  # (n, 3) fp32 scaling biases in use: m, v, master
+    _new: _Lists | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.log2_scale = torch.stack([self._column_states(key) for key in self._scale_keys()], dim=1)
+
+    @staticmethod
+    def _scale_keys() -> tuple[str, str, str]:
+        return ("exp_avg_log2_scale", "exp_avg_sq_log2_scale", "master_log2_scale")
+
+    def _column_states(self, key: str) -> torch.Tensor:
+        return torch.stack([s[key] for s in self.states])
+
+    def _list(self, key: str) -> list[torch.Tensor]:
+        return [s[key] for s in self.states]
+
+    @property
+    def has_master(self) -> bool:
+        return self.formats[2] is not None
+
+    def _weights(self) -> list[torch.Tensor]:
+        return self._list("master") if self.has_master else self.params
+
+    # ---- pass 1 / pass 2 -------------------------------------------------------------------------
+
+    def pass1(self) -> torch.Tensor:
+        """(n, 3) fp32 amax of the new m, v, w; non-finite where the gradient makes them so."""
+        decode_mul = torch.exp2(-self.log2_scale)
+        if self.fused:
+            amax = torch.zeros(len(self.params), 3, dtype=torch.float32)
+            self._call_kernel("fp8adamw_pass1", decode_mul, torch.ones_like(decode_mul), amax)
+            return amax
+        self._new = eager_update(self.grads, self._list("exp_avg"), self._list("exp_avg_sq"),
+                                 self._weights(), self.coef, decode_mul)
+        return eager_amax(self._new)
+
+    def new_log2_scale(self, amax: torch.Tensor) -> torch.Tensor:
+        """Fresh scaling biases from pass 1's amax (``amax_to_log2_scale``: amax 0 keeps the previous
+        one); unscaled formats (bf16, fp32) keep 0."""
+        cols = []
+        for j, fmt in enumerate(self.formats):
+            prev = self.log2_scale[:, j]
+            scaled = fmt is not None and fmt.range is not None
+            cols.append(amax_to_log2_scale(amax[:, j], fmt.range, prev_log2_scale=prev) if scaled else prev)
+        return torch.stack(cols, dim=1)
+
+    def pass2(self, new_log2_scale: torch.Tensor) -> None:
+        """Store states with the new scales, write the parameters, advance steps and scales."""
+        encode_mul = torch.exp2(new_log2_scale)
+        if self.fused:
+            self._call_kernel("fp8adamw_pass2", torch.exp2(-self.log2_scale), encode_mul, None)
+        else:
+            master = self._list("master") if self.has_master else None
+            eager_store(self._new, self.params, self._list("exp_avg"), self._list("exp_avg_sq"), master,
+                        self.formats, encode_mul)
+            self._new = None
+        torch._foreach_add_(self._list("step"), 1.0)
+        for j, key in enumerate(self._scale_keys()):
+            torch._foreach_copy_(self._list(key), list(new_log2_scale[:, j].unbind(0)))
+
+    def _call_kernel(self, name: str, decode_mul: torch.Tensor, encode_mul: torch.Tensor,
+                     amax: torch.Tensor | None) -> None:
+        m_fmt, v_fmt, w_fmt = self.formats
+        keep = {  # int64 pointer tables and fp32 matrices, alive for the duration of the call
+            "numel": torch.tensor([p.numel() for p in self.params], dtype=torch.int64),
+            "grad": _ptrs(self.grads), "param": _ptrs(self.params),
+            "exp_avg": _ptrs(self._list("exp_avg")), "exp_avg_sq": _ptrs(self._list("exp_avg_sq")),
+            "master": _ptrs(self._list("master")) if self.has_master else torch.zeros(1, dtype=torch.int64),
+            "coef": self.coef.contiguous(), "decode_mul": decode_mul.contiguous(),
+            "encode_mul": encode_mul.contiguous(),
+            "amax": amax if amax is not None else torch.zeros(len(self.params), 3),
+        }
+        args = KernelArgs(
+            n_tensors=len(self.params), **{k: v.data_ptr() for k, v in keep.items()},
+            grad_dtype=PARAM_DTYPES[self.grads[0].dtype], param_dtype=PARAM_DTYPES[self.params[0].dtype],
+            exp_avg_dtype=m_fmt.code, exp_avg_sq_dtype=v_fmt.code,
+            master_dtype=w_fmt.code if w_fmt is not None else _NO_MASTER, n_threads=torch.get_num_threads(),
+        )
+        if getattr(load_kernel(), name)(ctypes.byref(args)) != 0:
+            raise MemoryError(f"fp8train.optim: {name} could not allocate its work table")
+

@@ -1,0 +1,226 @@
+"""C source of the fused CPU step (built by ``_kernel.py``). Kept as a string so that it ships with
+the package without package-data rules.
+
+Numerics are those of the eager path (``_eager.py``), operation for operation: each line below is one
+IEEE fp32 operation in the same order, compiled with ``-ffp-contract=off`` (no FMA contraction) and
+without -ffast-math, so both paths give bit-identical states (tested). The e4m3 encoder is
+``fp8train.cast._cast_bits`` (fp32 bit arithmetic) written in C; the e4m3 decoder builds the value
+as an exact integer times 2**-9.
+"""
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#define FP8ADAMW_F16C 1
+#endif
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_E4M3 = 3, DT_NONE = -1 };
+enum { C_ONE_MINUS_BETA1, C_BETA2, C_ONE_MINUS_BETA2, C_DECAY, C_STEP_SIZE, C_BC2_SQRT_INV, C_EPS,
+       C_GRAD_MUL, N_COEF };
+enum { S_M, S_V, S_W, N_SLOT };
+#define BLOCK 512        /* elements staged in fp32 on the stack (7 arrays: 14 KiB, L1-resident) */
+#define CHUNK (1 << 16)  /* elements per parallel work item */
+
+typedef struct {
+    int64_t n_tensors;
+    const int64_t* numel;
+    const int64_t* grad;        /* data pointers, one per tensor */
+    const int64_t* param;
+    const int64_t* exp_avg;
+    const int64_t* exp_avg_sq;
+    const int64_t* master;      /* unused when master_dtype == DT_NONE */
+    int32_t grad_dtype, param_dtype, exp_avg_dtype, exp_avg_sq_dtype, master_dtype, n_threads;
+    const float* coef;          /* [n][N_COEF] */
+    const float* decode_mul;    /* [n][N_SLOT] scale_inv of the stored m, v, master */
+    const float* encode_mul;    /* [n][N_SLOT] new scales (pass 2) */
+    float* amax;                /* [n][N_SLOT] pass 1 output; NaN reported as inf */
+} fp8adamw_args;
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static void load_block(float* restrict dst, const void* base, int dtype, int64_t off, int n, float mul) {
+    int i = 0;
+    switch (dtype) {
+    case DT_F32: { const float* s = (const float*)base + off; for (; i < n; i++) dst[i] = s[i] * mul; break; }
+    case DT_BF16: { const uint16_t* s = (const uint16_t*)base + off;
+        for (; i < n; i++) dst[i] = bits_f32((uint32_t)s[i] << 16) * mul;
+        break; }
+    case DT_F16: { const uint16_t* s = (const uint16_t*)base + off;
+#ifdef FP8ADAMW_F16C
+        const __m256 vm = _mm256_set1_ps(mul);
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))), vm));
+        for (; i < n; i++) dst[i] = _cvtsh_ss(s[i]) * mul;
+#else
+        const _Float16* h = (const _Float16*)s; for (; i < n; i++) dst[i] = (float)h[i] * mul;
+#endif
+        break; }
+    case DT_E4M3: { const uint8_t* s = (const uint8_t*)base + off; const float mul9 = mul * 0x1p-9f;
+        for (; i < n; i++) {  /* |value| = mantissa integer * 2**(e-1) * 2**-9 (e = 0: subnormal) */
+            int32_t b = s[i], e = (b >> 3) & 15, normal = e > 0;
+            float v = (float)(((b & 7) + (normal << 3)) << (e - normal)) * mul9;
+            dst[i] = (b & 0x80) ? -v : v;
+        }
+        break; }
+    }
+}
+
+static void store_block(void* base, int dtype, int64_t off, int n, const float* restrict src, float mul) {
+    int i = 0;
+    switch (dtype) {
+    case DT_F32: { float* d = (float*)base + off; for (; i < n; i++) d[i] = src[i] * mul; break; }
+    case DT_BF16: { uint16_t* d = (uint16_t*)base + off;
+        for (; i < n; i++) {  /* round to nearest even on the bits; NaN -> canonical 0x7FC0 (as torch) */
+            float x = src[i] * mul; uint32_t u = f32_bits(x);
+            uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            d[i] = (x != x) ? (uint16_t)0x7FC0 : (uint16_t)r;
+        }
+        break; }
+    case DT_F16: { uint16_t* d = (uint16_t*)base + off;
+#ifdef FP8ADAMW_F16C
+        const __m256 vm = _mm256_set1_ps(mul);
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)(d + i),
+                             _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(src + i), vm), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++) d[i] = _cvtss_sh(src[i] * mul, _MM_FROUND_TO_NEAREST_INT);
+#else
+        _Float16* h = (_Float16*)d; for (; i < n; i++) h[i] = (_Float16)(src[i] * mul);
+#endif
+        break; }
+    case DT_E4M3: { uint8_t* d = (uint8_t*)base + off;
+        for (; i < n; i++) {  /* fp8train.cast._cast_bits: clamp to 448, round at 3 mantissa bits */
+            uint32_t yb = f32_bits(src[i] * mul);
+            uint32_t sign = (yb >> 24) & 0x80u, ab = yb & 0x7FFFFFFFu;
+            uint32_t cb = ab < 0x43E00000u ? ab : 0x43E00000u;               /* |y| clamped, inf too */
+            uint32_t code_normal = ((cb + 0x7FFFFu + ((cb >> 20) & 1u)) >> 20) - 960u;
+            uint32_t code_sub = f32_bits(bits_f32(cb) * 512.0f + 0x1p23f) - 0x4B000000u;  /* rint */
+            uint32_t code = cb < 0x3C800000u ? code_sub : code_normal;        /* below 2**-6 */
+            code = ab > 0x7F800000u ? 0x7Fu : code;                            /* NaN */
+            d[i] = (uint8_t)(code | sign);
+        }
+        break; }
+    }
+}
+
+/* The AdamW update of one block, in fp32; _eager.py performs the same operations in the same order. */
+static void math_block(int n, const float* restrict g, const float* restrict m, const float* restrict v,
+                       const float* restrict w, float* restrict mn, float* restrict vn, float* restrict wn,
+                       const float* c) {
+    const float c1 = c[C_ONE_MINUS_BETA1], b2 = c[C_BETA2], c2 = c[C_ONE_MINUS_BETA2], decay = c[C_DECAY];
+    const float step_size = c[C_STEP_SIZE], bc2_sqrt_inv = c[C_BC2_SQRT_INV], eps = c[C_EPS];
+    for (int i = 0; i < n; i++) {
+        float m1 = m[i] + (g[i] - m[i]) * c1;
+        float v1 = v[i] * b2 + (g[i] * g[i]) * c2;
+        float denom = sqrtf(v1) * bc2_sqrt_inv + eps;
+        mn[i] = m1;
+        vn[i] = v1;
+        wn[i] = w[i] * decay - step_size * (m1 / denom);
+    }
+}
+
+static inline uint32_t absmax_bits(uint32_t acc, const float* restrict x, int n) {
+    /* max |x| on bit patterns (non-negative floats order like their bits); NaN counts as inf */
+    for (int i = 0; i < n; i++) {
+        uint32_t ab = f32_bits(x[i]) & 0x7FFFFFFFu;
+        ab = ab < 0x7F800000u ? ab : 0x7F800000u;
+        acc = ab > acc ? ab : acc;
+    }
+    return acc;
+}
+
+typedef struct { int64_t t, begin, end; } chunk_t;
+
+static chunk_t* make_chunks(const fp8adamw_args* a, int64_t* n_chunks) {
+    int64_t total = 0, k = 0;
+    for (int64_t t = 0; t < a->n_tensors; t++) total += (a->numel[t] + CHUNK - 1) / CHUNK;
+    chunk_t* chunks = (chunk_t*)malloc(sizeof(chunk_t) * (size_t)(total > 0 ? total : 1));
+    if (!chunks) return NULL;
+    for (int64_t t = 0; t < a->n_tensors; t++)
+        for (int64_t b = 0; b < a->numel[t]; b += CHUNK) {
+            chunks[k].t = t;
+            chunks[k].begin = b;
+            chunks[k].end = b + CHUNK < a->numel[t] ? b + CHUNK : a->numel[t];
+            k++;
+        }
+    *n_chunks = total;
+    return chunks;
+}
+
+/* decode one block of gradient and states, then the update: shared by both passes */
+static void step_block(const fp8adamw_args* a, int64_t t, int64_t off, int n, float* g, float* m, float* v,
+                       float* w, float* mn, float* vn, float* wn) {
+    const float* c = a->coef + t * N_COEF;
+    const float* dm = a->decode_mul + t * N_SLOT;
+    load_block(g, (const void*)a->grad[t], a->grad_dtype, off, n, c[C_GRAD_MUL]);
+    load_block(m, (const void*)a->exp_avg[t], a->exp_avg_dtype, off, n, dm[S_M]);
+    load_block(v, (const void*)a->exp_avg_sq[t], a->exp_avg_sq_dtype, off, n, dm[S_V]);
+    if (a->master_dtype == DT_NONE) load_block(w, (const void*)a->param[t], a->param_dtype, off, n, 1.0f);
+    else load_block(w, (const void*)a->master[t], a->master_dtype, off, n, dm[S_W]);
+    math_block(n, g, m, v, w, mn, vn, wn, c);
+}
+
+/* Pass 1: amax of the new m, v and weight of every tensor; writes nothing but a->amax. */
+int fp8adamw_pass1(const fp8adamw_args* a) {
+    int64_t n_chunks = 0;
+    chunk_t* chunks = make_chunks(a, &n_chunks);
+    uint32_t* part = (uint32_t*)malloc(sizeof(uint32_t) * N_SLOT * (size_t)(n_chunks > 0 ? n_chunks : 1));
+    if (!chunks || !part) { free(chunks); free(part); return 1; }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(a->n_threads)
+    for (int64_t k = 0; k < n_chunks; k++) {
+        float g[BLOCK], m[BLOCK], v[BLOCK], w[BLOCK], mn[BLOCK], vn[BLOCK], wn[BLOCK];
+        uint32_t am = 0, av = 0, aw = 0;
+        for (int64_t off = chunks[k].begin; off < chunks[k].end; off += BLOCK) {
+            int n = (int)(chunks[k].end - off < BLOCK ? chunks[k].end - off : BLOCK);
+            step_block(a, chunks[k].t, off, n, g, m, v, w, mn, vn, wn);
+            am = absmax_bits(am, mn, n);
+            av = absmax_bits(av, vn, n);
+            aw = absmax_bits(aw, wn, n);
+        }
+        part[k * N_SLOT + S_M] = am;
+        part[k * N_SLOT + S_V] = av;
+        part[k * N_SLOT + S_W] = aw;
+    }
+    uint32_t* acc = (uint32_t*)calloc((size_t)(a->n_tensors > 0 ? a->n_tensors : 1) * N_SLOT, sizeof(uint32_t));
+    if (!acc) { free(chunks); free(part); return 1; }
+    for (int64_t k = 0; k < n_chunks; k++)
+        for (int s = 0; s < N_SLOT; s++) {
+            uint32_t* dst = acc + chunks[k].t * N_SLOT + s;
+            if (part[k * N_SLOT + s] > *dst) *dst = part[k * N_SLOT + s];
+        }
+    for (int64_t i = 0; i < a->n_tensors * N_SLOT; i++) a->amax[i] = bits_f32(acc[i]);
+    free(acc); free(chunks); free(part);
+    return 0;
+}
+
+/* Pass 2: the same update again, stored with the new scales; the parameter receives the value the
+   master now holds (decoded back), or the update itself when the parameter is the master. */
+int fp8adamw_pass2(const fp8adamw_args* a) {
+    int64_t n_chunks = 0;
+    chunk_t* chunks = make_chunks(a, &n_chunks);
+    if (!chunks) return 1;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(a->n_threads)
+    for (int64_t k = 0; k < n_chunks; k++) {
+        float g[BLOCK], m[BLOCK], v[BLOCK], w[BLOCK], mn[BLOCK], vn[BLOCK], wn[BLOCK];
+        const int64_t t = chunks[k].t;
+        const float* em = a->encode_mul + t * N_SLOT;
+        for (int64_t off = chunks[k].begin; off < chunks[k].end; off += BLOCK) {
+            int n = (int)(chunks[k].end - off < BLOCK ? chunks[k].end - off : BLOCK);
+            step_block(a, t, off, n, g, m, v, w, mn, vn, wn);
+            store_block((void*)a->exp_avg[t], a->exp_avg_dtype, off, n, mn, em[S_M]);
+            store_block((void*)a->exp_avg_sq[t], a->exp_avg_sq_dtype, off, n, vn, em[S_V]);
+            if (a->master_dtype != DT_NONE) {
+                store_block((void*)a->master[t], a->master_dtype, off, n, wn, em[S_W]);
+                load_block(wn, (const void*)a->master[t], a->master_dtype, off, n, 1.0f / em[S_W]);  /* exact: 2**k */
+            }
+            store_block((void*)a->param[t], a->param_dtype, off, n, wn, 1.0f);
+        }
+    }
+    free(chunks);
+    return 0;
+}
+"""
