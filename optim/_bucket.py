@@ -21,7 +21,7 @@ from fp8train.optim._formats import PARAM_DTYPES, StateFormat
 from fp8train.optim._kernel import KernelArgs, load_kernel
 from fp8train.scaling import amax_to_log2_scale
 
-__all__ = ["Bucket", "coef_matrix", "fused_eligible"]
+__all__ = ["Bucket", "coef_matrix", "fused_eligible", "weight_amax_needed"]
 
 _NO_MASTER = -1
 
@@ -42,6 +42,19 @@ def coef_matrix(steps: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     return torch.stack(cols, dim=1).to(torch.float32)
 
 
+def weight_amax_needed(master_fmt: StateFormat | None, group: dict[str, Any]) -> bool:
+    """Whether pass 1 must compute the new weight (a square root and a division per element): when
+    its amax sets a scaled master's scale, or when finite moments could still give a non-finite
+    weight. They cannot if eps > 0, lr / ((1 - beta1) eps) < 1e18 and lr * weight_decay <= 1:
+    |g| < 1.9e19 (else g * g, so v, overflows and the step is skipped), hence |m1| < 1.9e19,
+    step_size <= lr / (1 - beta1), denom >= eps, so |step_size * m1 / denom| < 1.9e37 < fp32 max,
+    and |w * (1 - lr * weight_decay)| <= |w|."""
+    if master_fmt is not None and master_fmt.scaled:
+        return True
+    lr, beta1, eps = float(group["lr"]), group["betas"][0], group["eps"]
+    return not (eps > 0 and lr / ((1.0 - beta1) * eps) < 1e18 and lr * group["weight_decay"] <= 1.0)
+
+
 def fused_eligible(param: torch.Tensor, grad: torch.Tensor) -> bool:
     """The C kernel takes contiguous CPU tensors of the dtypes it decodes."""
     return (param.device.type == "cpu" and grad.device == param.device and param.is_contiguous()
@@ -57,7 +70,9 @@ class Bucket:
     """params / grads / states: parallel lists (states are the optimizer's per-parameter dicts).
     formats: (m, v, master) storage formats; master None when the parameter is the master.
     coef:    (n, len(COEF_NAMES)) fp32 step coefficients.
-    fused:   run the C kernel (CPU, contiguous, kernel built) instead of the foreach path."""
+    fused:   run the C kernel (CPU, contiguous, kernel built) instead of the foreach path.
+    w_amax_needed: see ``weight_amax_needed`` (the kernel may skip the weight in pass 1 otherwise;
+             the foreach path always computes it)."""
 
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
@@ -65,6 +80,7 @@ class Bucket:
     formats: tuple[StateFormat, StateFormat, StateFormat | None]
     coef: torch.Tensor
     fused: bool
+    w_amax_needed: bool = True
     log2_scale: torch.Tensor = field(init=False)  # (n, 3) fp32 scaling biases in use: m, v, master
     _new: _Lists | None = field(init=False, default=None)
 
@@ -142,6 +158,7 @@ class Bucket:
             grad_dtype=PARAM_DTYPES[self.grads[0].dtype], param_dtype=PARAM_DTYPES[self.params[0].dtype],
             exp_avg_dtype=m_fmt.code, exp_avg_sq_dtype=v_fmt.code,
             master_dtype=w_fmt.code if w_fmt is not None else _NO_MASTER, n_threads=torch.get_num_threads(),
+            w_amax_needed=int(self.w_amax_needed),
         )
         if getattr(load_kernel(), name)(ctypes.byref(args)) != 0:
             raise MemoryError(f"fp8train.optim: {name} could not allocate its work table")

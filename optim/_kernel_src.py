@@ -1,14 +1,24 @@
-"""C source of the fused CPU step (built by ``_kernel.py``). Kept as a string so that it ships with
-the package without package-data rules.
+"""C source of the fused CPU step (built by ``_kernel.py``), kept as strings so that it ships with
+the package without package-data rules: the portable part here, the AVX2 part in ``_kernel_avx2.py``.
 
-Numerics are those of the eager path (``_eager.py``), operation for operation: each line below is one
-IEEE fp32 operation in the same order, compiled with ``-ffp-contract=off`` (no FMA contraction) and
-without -ffast-math, so both paths give bit-identical states (tested). The e4m3 encoder is
-``fp8train.cast._cast_bits`` (fp32 bit arithmetic) written in C; the e4m3 decoder builds the value
-as an exact integer times 2**-9.
+Numerics are those of the eager path (``_eager.py``), operation for operation: each arithmetic line is
+one IEEE fp32 operation in the same order, compiled with ``-ffp-contract=off`` (no FMA contraction)
+and without -ffast-math, so both paths give bit-identical states (tested for every dtype
+combination). The e4m3 encoder is ``fp8train.cast.cast_to_fp8_reference`` (clamp to 448, round to
+nearest even) written in integer arithmetic on the fp32 bits, as fp8train's compiled CPU cast does;
+the e4m3 decoder builds the value as an exact integer times 2**-9.
+
+Layout of one pass: the tensors of a bucket are cut into chunks of 64 Ki elements, chunks run in
+parallel (OpenMP, torch's thread count); a chunk runs the AVX2 loop over whole vectors of 8 and the
+portable staged loop (blocks of 512 elements decoded to fp32 on the stack) over what is left, or
+over everything on machines without AVX2.
 """
 
-SOURCE = r"""
+from fp8train.optim._kernel_avx2 import AVX2_CODECS, AVX2_LOOPS
+
+__all__ = ["SOURCE"]
+
+_HEADER = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,6 +26,9 @@ SOURCE = r"""
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
 #define FP8ADAMW_F16C 1
+#endif
+#if defined(__AVX2__) && defined(FP8ADAMW_F16C)
+#define FP8ADAMW_AVX2 1
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_E4M3 = 3, DT_NONE = -1 };
@@ -34,6 +47,7 @@ typedef struct {
     const int64_t* exp_avg_sq;
     const int64_t* master;      /* unused when master_dtype == DT_NONE */
     int32_t grad_dtype, param_dtype, exp_avg_dtype, exp_avg_sq_dtype, master_dtype, n_threads;
+    int32_t w_amax_needed;      /* 0: pass 1 may skip the weight (sqrt, divide): its scale is fixed */
     const float* coef;          /* [n][N_COEF] */
     const float* decode_mul;    /* [n][N_SLOT] scale_inv of the stored m, v, master */
     const float* encode_mul;    /* [n][N_SLOT] new scales (pass 2) */
@@ -43,6 +57,9 @@ typedef struct {
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
+"""
+
+_PORTABLE = r"""
 static void load_block(float* restrict dst, const void* base, int dtype, int64_t off, int n, float mul) {
     int i = 0;
     switch (dtype) {
@@ -61,6 +78,9 @@ static void load_block(float* restrict dst, const void* base, int dtype, int64_t
 #endif
         break; }
     case DT_E4M3: { const uint8_t* s = (const uint8_t*)base + off; const float mul9 = mul * 0x1p-9f;
+#ifdef FP8ADAMW_AVX2
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, e4m3_decode8(s + i, _mm256_set1_ps(mul)));
+#endif
         for (; i < n; i++) {  /* |value| = mantissa integer * 2**(e-1) * 2**-9 (e = 0: subnormal) */
             int32_t b = s[i], e = (b >> 3) & 15, normal = e > 0;
             float v = (float)(((b & 7) + (normal << 3)) << (e - normal)) * mul9;
@@ -93,6 +113,9 @@ static void store_block(void* base, int dtype, int64_t off, int n, const float* 
 #endif
         break; }
     case DT_E4M3: { uint8_t* d = (uint8_t*)base + off;
+#ifdef FP8ADAMW_AVX2
+        for (; i + 8 <= n; i += 8) e4m3_encode8(d + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), _mm256_set1_ps(mul)));
+#endif
         for (; i < n; i++) {  /* fp8train.cast._cast_bits: clamp to 448, round at 3 mantissa bits */
             uint32_t yb = f32_bits(src[i] * mul);
             uint32_t sign = (yb >> 24) & 0x80u, ab = yb & 0x7FFFFFFFu;
@@ -164,29 +187,56 @@ static void step_block(const fp8adamw_args* a, int64_t t, int64_t off, int n, fl
     math_block(n, g, m, v, w, mn, vn, wn, c);
 }
 
+/* Elements [begin, end) of tensor t through fp32 staging blocks (portable; also the AVX2 tails). */
+static void staged_range(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, int pass, uint32_t* amax3) {
+    float g[BLOCK], m[BLOCK], v[BLOCK], w[BLOCK], mn[BLOCK], vn[BLOCK], wn[BLOCK];
+    const float* em = a->encode_mul + t * N_SLOT;
+    for (int64_t off = begin; off < end; off += BLOCK) {
+        int n = (int)(end - off < BLOCK ? end - off : BLOCK);
+        step_block(a, t, off, n, g, m, v, w, mn, vn, wn);
+        if (pass == 1) {
+            amax3[S_M] = absmax_bits(amax3[S_M], mn, n);
+            amax3[S_V] = absmax_bits(amax3[S_V], vn, n);
+            if (a->w_amax_needed) amax3[S_W] = absmax_bits(amax3[S_W], wn, n);
+            continue;
+        }
+        store_block((void*)a->exp_avg[t], a->exp_avg_dtype, off, n, mn, em[S_M]);
+        store_block((void*)a->exp_avg_sq[t], a->exp_avg_sq_dtype, off, n, vn, em[S_V]);
+        if (a->master_dtype != DT_NONE) {
+            store_block((void*)a->master[t], a->master_dtype, off, n, wn, em[S_W]);
+            load_block(wn, (const void*)a->master[t], a->master_dtype, off, n, 1.0f / em[S_W]);  /* exact: 2**k */
+        }
+        store_block((void*)a->param[t], a->param_dtype, off, n, wn, 1.0f);
+    }
+}
+
+"""
+
+_DRIVERS = r"""
+static void range_pass1(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, uint32_t* amax3) {
+#ifdef FP8ADAMW_AVX2
+    begin = vector_dispatch(a, t, begin, end, 1, amax3);
+#endif
+    if (begin < end) staged_range(a, t, begin, end, 1, amax3);
+}
+
+static void range_pass2(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end) {
+#ifdef FP8ADAMW_AVX2
+    begin = vector_dispatch(a, t, begin, end, 2, NULL);
+#endif
+    if (begin < end) staged_range(a, t, begin, end, 2, NULL);
+}
+
 /* Pass 1: amax of the new m, v and weight of every tensor; writes nothing but a->amax. */
 int fp8adamw_pass1(const fp8adamw_args* a) {
     int64_t n_chunks = 0;
     chunk_t* chunks = make_chunks(a, &n_chunks);
-    uint32_t* part = (uint32_t*)malloc(sizeof(uint32_t) * N_SLOT * (size_t)(n_chunks > 0 ? n_chunks : 1));
-    if (!chunks || !part) { free(chunks); free(part); return 1; }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(a->n_threads)
-    for (int64_t k = 0; k < n_chunks; k++) {
-        float g[BLOCK], m[BLOCK], v[BLOCK], w[BLOCK], mn[BLOCK], vn[BLOCK], wn[BLOCK];
-        uint32_t am = 0, av = 0, aw = 0;
-        for (int64_t off = chunks[k].begin; off < chunks[k].end; off += BLOCK) {
-            int n = (int)(chunks[k].end - off < BLOCK ? chunks[k].end - off : BLOCK);
-            step_block(a, chunks[k].t, off, n, g, m, v, w, mn, vn, wn);
-            am = absmax_bits(am, mn, n);
-            av = absmax_bits(av, vn, n);
-            aw = absmax_bits(aw, wn, n);
-        }
-        part[k * N_SLOT + S_M] = am;
-        part[k * N_SLOT + S_V] = av;
-        part[k * N_SLOT + S_W] = aw;
-    }
+    uint32_t* part = (uint32_t*)calloc((size_t)(n_chunks > 0 ? n_chunks : 1) * N_SLOT, sizeof(uint32_t));
     uint32_t* acc = (uint32_t*)calloc((size_t)(a->n_tensors > 0 ? a->n_tensors : 1) * N_SLOT, sizeof(uint32_t));
-    if (!acc) { free(chunks); free(part); return 1; }
+    if (!chunks || !part || !acc) { free(chunks); free(part); free(acc); return 1; }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(a->n_threads)
+    for (int64_t k = 0; k < n_chunks; k++)
+        range_pass1(a, chunks[k].t, chunks[k].begin, chunks[k].end, part + k * N_SLOT);
     for (int64_t k = 0; k < n_chunks; k++)
         for (int s = 0; s < N_SLOT; s++) {
             uint32_t* dst = acc + chunks[k].t * N_SLOT + s;
@@ -204,23 +254,10 @@ int fp8adamw_pass2(const fp8adamw_args* a) {
     chunk_t* chunks = make_chunks(a, &n_chunks);
     if (!chunks) return 1;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(a->n_threads)
-    for (int64_t k = 0; k < n_chunks; k++) {
-        float g[BLOCK], m[BLOCK], v[BLOCK], w[BLOCK], mn[BLOCK], vn[BLOCK], wn[BLOCK];
-        const int64_t t = chunks[k].t;
-        const float* em = a->encode_mul + t * N_SLOT;
-        for (int64_t off = chunks[k].begin; off < chunks[k].end; off += BLOCK) {
-            int n = (int)(chunks[k].end - off < BLOCK ? chunks[k].end - off : BLOCK);
-            step_block(a, t, off, n, g, m, v, w, mn, vn, wn);
-            store_block((void*)a->exp_avg[t], a->exp_avg_dtype, off, n, mn, em[S_M]);
-            store_block((void*)a->exp_avg_sq[t], a->exp_avg_sq_dtype, off, n, vn, em[S_V]);
-            if (a->master_dtype != DT_NONE) {
-                store_block((void*)a->master[t], a->master_dtype, off, n, wn, em[S_W]);
-                load_block(wn, (const void*)a->master[t], a->master_dtype, off, n, 1.0f / em[S_W]);  /* exact: 2**k */
-            }
-            store_block((void*)a->param[t], a->param_dtype, off, n, wn, 1.0f);
-        }
-    }
+    for (int64_t k = 0; k < n_chunks; k++) range_pass2(a, chunks[k].t, chunks[k].begin, chunks[k].end);
     free(chunks);
     return 0;
 }
 """
+
+SOURCE = _HEADER + AVX2_CODECS + _PORTABLE + AVX2_LOOPS + _DRIVERS

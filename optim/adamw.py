@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fp8train.optim._bucket import Bucket, coef_matrix, fused_eligible
+from fp8train.optim._bucket import Bucket, coef_matrix, fused_eligible, weight_amax_needed
 from fp8train.optim._eager import SLOT_NAMES
 from fp8train.optim._formats import (EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS, PARAM_DTYPES,
                                      StateFormat, encode_, resolve_format)
@@ -146,7 +146,8 @@ class Fp8AdamW(torch.optim.Optimizer):
             states = [self.state[p] for p in params]
             steps = torch.stack([s["step"] for s in states]) + 1
             buckets.append(Bucket(params=params, grads=[p.grad for p in params], states=states,
-                                  formats=self._formats, coef=coef_matrix(steps, group), fused=fused))
+                                  formats=self._formats, coef=coef_matrix(steps, group), fused=fused,
+                                  w_amax_needed=weight_amax_needed(self._formats[2], group)))
         return buckets
 
     # ---- the step --------------------------------------------------------------------------------

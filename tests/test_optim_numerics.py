@@ -66,6 +66,18 @@ def test_fused_kernel_is_bit_identical_to_the_foreach_path(exp_avg_dtype, exp_av
         assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
+@needs_kernel
+@pytest.mark.parametrize("exp_avg_dtype,exp_avg_sq_dtype,master_dtype",
+                         [("e4m3", "fp16", "fp16"), ("e4m3", "bf16", None), ("fp16", "fp32", "bf16")])
+def test_portable_kernel_build_is_bit_identical_too(monkeypatch, exp_avg_dtype, exp_avg_sq_dtype, master_dtype) -> None:
+    # Machines without AVX2 run the staged C loops on every element (here they only see the tails).
+    monkeypatch.setattr("fp8train.optim._bucket.load_kernel", lambda: load_kernel(portable=True))
+    eager = _run(False, exp_avg_dtype, exp_avg_sq_dtype, master_dtype)
+    fused = _run(True, exp_avg_dtype, exp_avg_sq_dtype, master_dtype)
+    for a, b in zip(eager, fused):
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
 E4M3_EDGES = {  # values in the scaled domain (scale 1: the table's amax is 448)
     "max": [448.0, -448.0],
     "ties_round_to_even": [1.0 + 1 / 16, 1.0 + 3 / 16, 2.0 + 1 / 8, -(1.0 + 1 / 16)],
