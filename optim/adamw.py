@@ -219,6 +219,26 @@ class Fp8AdamW(torch.optim.Optimizer):
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             if saved_id in state_dict["state"]:
-                self.state[p] = {k: v.detach().to(device=p.device, copy=True) if torch.is_tensor(v) else v
-                                 for k, v in state_dict["state"][saved_id].items()}
+                state = {k: v.detach().to(device=p.device, copy=True).contiguous() if torch.is_tensor(v) else v
+                         for k, v in state_dict["state"][saved_id].items()}
+                self._check_loaded_state(state, p)
+                self.state[p] = state
         self._skipped_steps = int(saved.get("skipped_steps", 0))
+
+    def _check_loaded_state(self, state: dict[str, Any], p: torch.Tensor) -> None:
+        """A state from another optimizer (torch's AdamW: fp32 moments) or another model must not
+        reach the kernels, which read each state with its configured dtype and the parameter's size."""
+        m_fmt, v_fmt, w_fmt = self._formats
+        expected = {"exp_avg": m_fmt.dtype, "exp_avg_sq": v_fmt.dtype}
+        if w_fmt is not None:
+            expected["master"] = w_fmt.dtype
+        for key, dtype in expected.items():
+            value = state.get(key)
+            if not torch.is_tensor(value) or value.dtype != dtype or value.shape != p.shape:
+                found = "missing" if not torch.is_tensor(value) else f"{value.dtype} {tuple(value.shape)}"
+                raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} is {found}; expected {dtype} "
+                                 f"{tuple(p.shape)}")
+        for key in ("step", "exp_avg_log2_scale", "exp_avg_sq_log2_scale", "master_log2_scale"):
+            if not torch.is_tensor(state.get(key)) or state[key].numel() != 1:
+                raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} must be a 0-d tensor")
+            state[key] = state[key].to(torch.float32).reshape(())

@@ -185,12 +185,20 @@ def test_state_dict_round_trip_is_bit_exact_and_training_continues_identically(f
     _assert_same_bits(_snapshot(model2, opt2), _snapshot(model, opt))
 
 
-def test_loading_state_of_other_formats_is_refused() -> None:
+def test_loading_state_of_other_formats_or_optimizers_is_refused() -> None:
+    # The kernels read each state with the configured dtype: a mismatch must fail loudly, not be
+    # reinterpreted (a torch AdamW state has fp32 moments where e4m3 bytes are expected).
     model = _mixed_model()
     opt = Fp8AdamW(model.parameters())
+    _mixed_loss(model, torch.randn(8, 16)).backward()
+    opt.step()
     other = Fp8AdamW(model.parameters(), exp_avg_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="formats"):
         other.load_state_dict(opt.state_dict())
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.step()
+    with pytest.raises(ValueError, match="exp_avg"):
+        Fp8AdamW(model.parameters()).load_state_dict(adamw.state_dict())
 
 
 # ---- AdamW semantics against torch -------------------------------------------------------------
