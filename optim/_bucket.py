@@ -108,13 +108,13 @@ class Bucket:
 
     def pass1(self) -> torch.Tensor:
         """(n, 3) fp32 amax of the new m, v, w; non-finite where the gradient makes them so."""
-        decode_mul = torch.exp2(-self.log2_scale)
+        scale_inv = torch.exp2(-self.log2_scale)
         if self.fused:
             amax = torch.zeros(len(self.params), 3, dtype=torch.float32)
-            self._call_kernel("fp8adamw_pass1", decode_mul, torch.ones_like(decode_mul), amax)
+            self._call_kernel("fp8adamw_pass1", scale_inv, torch.ones_like(scale_inv), amax)
             return amax
         self._new = eager_update(self.grads, self._list("exp_avg"), self._list("exp_avg_sq"),
-                                 self._weights(), self.coef, decode_mul)
+                                 self._weights(), self.coef, scale_inv)
         return eager_amax(self._new)
 
     def new_log2_scale(self, amax: torch.Tensor) -> torch.Tensor:
@@ -129,19 +129,19 @@ class Bucket:
 
     def pass2(self, new_log2_scale: torch.Tensor) -> None:
         """Store states with the new scales, write the parameters, advance steps and scales."""
-        encode_mul = torch.exp2(new_log2_scale)
+        new_scale = torch.exp2(new_log2_scale)
         if self.fused:
-            self._call_kernel("fp8adamw_pass2", torch.exp2(-self.log2_scale), encode_mul, None)
+            self._call_kernel("fp8adamw_pass2", torch.exp2(-self.log2_scale), new_scale, None)
         else:
             master = self._list("master") if self.has_master else None
             eager_store(self._new, self.params, self._list("exp_avg"), self._list("exp_avg_sq"), master,
-                        self.formats, encode_mul)
+                        self.formats, new_scale)
             self._new = None
         torch._foreach_add_(self._list("step"), 1.0)
         for j, key in enumerate(self._scale_keys()):
             torch._foreach_copy_(self._list(key), list(new_log2_scale[:, j].unbind(0)))
 
-    def _call_kernel(self, name: str, decode_mul: torch.Tensor, encode_mul: torch.Tensor,
+    def _call_kernel(self, name: str, scale_inv: torch.Tensor, new_scale: torch.Tensor,
                      amax: torch.Tensor | None) -> None:
         m_fmt, v_fmt, w_fmt = self.formats
         keep = {  # int64 pointer tables and fp32 matrices, alive for the duration of the call
@@ -149,8 +149,8 @@ class Bucket:
             "grad": _ptrs(self.grads), "param": _ptrs(self.params),
             "exp_avg": _ptrs(self._list("exp_avg")), "exp_avg_sq": _ptrs(self._list("exp_avg_sq")),
             "master": _ptrs(self._list("master")) if self.has_master else torch.zeros(1, dtype=torch.int64),
-            "coef": self.coef.contiguous(), "decode_mul": decode_mul.contiguous(),
-            "encode_mul": encode_mul.contiguous(),
+            "coef": self.coef.contiguous(), "scale_inv": scale_inv.contiguous(),
+            "new_scale": new_scale.contiguous(),
             "amax": amax if amax is not None else torch.zeros(len(self.params), 3),
         }
         args = KernelArgs(

@@ -43,14 +43,14 @@ def _sqrt_rn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def eager_update(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
-                 weights: list[torch.Tensor], coef: torch.Tensor, decode_mul: torch.Tensor) -> _Lists:
+                 weights: list[torch.Tensor], coef: torch.Tensor, scale_inv: torch.Tensor) -> _Lists:
     """New (m, v, w) in fp32 from gradients and stored states. ``weights`` are the stored masters
-    (decoded with ``decode_mul[:, 2]``) or the parameters themselves (decoded with multiplier 1)."""
+    (decoded with ``scale_inv[:, 2]``) or the parameters themselves (decoded with multiplier 1)."""
     c = {name: _column(coef, j) for j, name in enumerate(COEF_NAMES)}
     g = decode(grads, c["grad_mul"])  # grad_mul is -1 for maximize: exact
-    m = decode(exp_avg, _column(decode_mul, 0))
-    v = decode(exp_avg_sq, _column(decode_mul, 1))
-    w = decode(weights, _column(decode_mul, 2))
+    m = decode(exp_avg, _column(scale_inv, 0))
+    v = decode(exp_avg_sq, _column(scale_inv, 1))
+    w = decode(weights, _column(scale_inv, 2))
     m1 = torch._foreach_sub(g, m)
     torch._foreach_mul_(m1, c["one_minus_beta1"])
     m1 = torch._foreach_add(m, m1)
@@ -70,25 +70,21 @@ def eager_update(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg
 
 def eager_amax(new: _Lists) -> torch.Tensor:
     """(n, 3) fp32 amax of the new m, v, w; NaN/inf stay visible (``_foreach_norm`` propagates them)."""
-    inf = float("inf")
-    cols = []
-    for xs in new:  # the inf-norm of an empty tensor is an error, its amax is 0 (tensor_to_amax)
-        zero = xs[0].new_zeros(1) if xs else None
-        cols.append(torch.stack(torch._foreach_norm([x if x.numel() else zero for x in xs], ord=inf)))
+    cols = [torch.stack(torch._foreach_norm(xs, ord=float("inf"))) for xs in new]  # no empty tensors here
     return torch.stack(cols, dim=1).to(torch.float32)
 
 
 def eager_store(new: _Lists, params: list[torch.Tensor], exp_avg: list[torch.Tensor],
                 exp_avg_sq: list[torch.Tensor], master: list[torch.Tensor] | None,
-                formats: tuple[StateFormat, StateFormat, StateFormat | None], encode_mul: torch.Tensor) -> None:
-    """Store the new states with the new scales (``encode_mul``, powers of two); the parameter gets the
+                formats: tuple[StateFormat, StateFormat, StateFormat | None], new_scale: torch.Tensor) -> None:
+    """Store the new states with the new scales (``new_scale``, powers of two); the parameter gets the
     value the master now holds, decoded back (or the new weight itself when it is its own master)."""
     m1, v1, w1 = new
     m_fmt, v_fmt, w_fmt = formats
-    encode_(exp_avg, m1, _column(encode_mul, 0), m_fmt)
-    encode_(exp_avg_sq, v1, _column(encode_mul, 1), v_fmt)
+    encode_(exp_avg, m1, _column(new_scale, 0), m_fmt)
+    encode_(exp_avg_sq, v1, _column(new_scale, 1), v_fmt)
     if master is not None and w_fmt is not None:
-        scale_w = _column(encode_mul, 2)
+        scale_w = _column(new_scale, 2)
         encode_(master, w1, scale_w, w_fmt)
         w1 = decode(master, torch._foreach_reciprocal(scale_w))  # 1 / 2**k: exact
     torch._foreach_copy_(params, w1)

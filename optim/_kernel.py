@@ -46,7 +46,7 @@ class KernelArgs(ctypes.Structure):
         ("grad_dtype", ctypes.c_int32), ("param_dtype", ctypes.c_int32), ("exp_avg_dtype", ctypes.c_int32),
         ("exp_avg_sq_dtype", ctypes.c_int32), ("master_dtype", ctypes.c_int32), ("n_threads", ctypes.c_int32),
         ("w_amax_needed", ctypes.c_int32),
-        ("coef", _P), ("decode_mul", _P), ("encode_mul", _P), ("amax", _P),
+        ("coef", _P), ("scale_inv", _P), ("new_scale", _P), ("amax", _P),
     ]
 
 

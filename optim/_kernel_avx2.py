@@ -93,8 +93,8 @@ static inline __attribute__((always_inline)) int64_t vector_range(
         const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, const int pass, uint32_t* amax3,
         const int gd, const int pd, const int md, const int vd, const int master_dtype) {
     const float* c = a->coef + t * N_COEF;
-    const float* dm = a->decode_mul + t * N_SLOT;
-    const float* em = a->encode_mul + t * N_SLOT;
+    const float* dm = a->scale_inv + t * N_SLOT;
+    const float* em = a->new_scale + t * N_SLOT;
     const int has_master = master_dtype != DT_NONE;
     const int wd = has_master ? master_dtype : pd;
     void* mp = (void*)a->exp_avg[t];

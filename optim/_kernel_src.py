@@ -49,8 +49,8 @@ typedef struct {
     int32_t grad_dtype, param_dtype, exp_avg_dtype, exp_avg_sq_dtype, master_dtype, n_threads;
     int32_t w_amax_needed;      /* 0: pass 1 may skip the weight (sqrt, divide): its scale is fixed */
     const float* coef;          /* [n][N_COEF] */
-    const float* decode_mul;    /* [n][N_SLOT] scale_inv of the stored m, v, master */
-    const float* encode_mul;    /* [n][N_SLOT] new scales (pass 2) */
+    const float* scale_inv;     /* [n][N_SLOT] 1 / scale of the stored m, v, master (powers of two) */
+    const float* new_scale;     /* [n][N_SLOT] scales to store with (pass 2) */
     float* amax;                /* [n][N_SLOT] pass 1 output; NaN reported as inf */
 } fp8adamw_args;
 
@@ -178,7 +178,7 @@ static chunk_t* make_chunks(const fp8adamw_args* a, int64_t* n_chunks) {
 static void step_block(const fp8adamw_args* a, int64_t t, int64_t off, int n, float* g, float* m, float* v,
                        float* w, float* mn, float* vn, float* wn) {
     const float* c = a->coef + t * N_COEF;
-    const float* dm = a->decode_mul + t * N_SLOT;
+    const float* dm = a->scale_inv + t * N_SLOT;
     load_block(g, (const void*)a->grad[t], a->grad_dtype, off, n, c[C_GRAD_MUL]);
     load_block(m, (const void*)a->exp_avg[t], a->exp_avg_dtype, off, n, dm[S_M]);
     load_block(v, (const void*)a->exp_avg_sq[t], a->exp_avg_sq_dtype, off, n, dm[S_V]);
@@ -190,7 +190,7 @@ static void step_block(const fp8adamw_args* a, int64_t t, int64_t off, int n, fl
 /* Elements [begin, end) of tensor t through fp32 staging blocks (portable; also the AVX2 tails). */
 static void staged_range(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, int pass, uint32_t* amax3) {
     float g[BLOCK], m[BLOCK], v[BLOCK], w[BLOCK], mn[BLOCK], vn[BLOCK], wn[BLOCK];
-    const float* em = a->encode_mul + t * N_SLOT;
+    const float* em = a->new_scale + t * N_SLOT;
     for (int64_t off = begin; off < end; off += BLOCK) {
         int n = (int)(end - off < BLOCK ? end - off : BLOCK);
         step_block(a, t, off, n, g, m, v, w, mn, vn, wn);

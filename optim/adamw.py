@@ -15,8 +15,8 @@ itself when it is its own master. Numerical consequences (tested against torch.o
   - fp32 states: the same trajectory as torch.optim.AdamW up to fp32 rounding.
   - e4m3 m: each stored m carries a relative error <= 2**-4 (3 mantissa bits, round to nearest even);
     elements below amax * 2**-17 (e4m3's subnormal floor after scaling) flush to 0.
-  - fp16 master: 11 significant bits; an update below half an ulp of the weight is lost (with the
-    default lr 1e-3 and |update/weight| ~ lr / |w|, this starts to matter for |w| > ~1).
+  - fp16 master: 11 significant bits; an update smaller than half an ulp of the weight (2**-11 |w|)
+    is lost: with lr 1e-3 that happens where |w| exceeds ~2 |m_hat / sqrt(v_hat)|.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Fp8AdamW(torch.optim.Optimizer):
         if fused is True and load_kernel() is None:
             raise RuntimeError(f"{_OWNER}(fused=True): the fused CPU kernel cannot be built here "
                                "(no working C compiler); use fused=None or False")
-        self._fused = fused is not False and (fused is True or load_kernel() is not None)
+        self._fused = fused  # None: decided per bucket at the first step (builds the kernel if needed)
         self._skipped_steps = 0
         self.last_step_skipped = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
@@ -133,13 +133,13 @@ class Fp8AdamW(torch.optim.Optimizer):
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         members: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to update
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{_OWNER} does not support sparse gradients")
             if not self.state[p]:
                 self.state[p] = self._init_state(p)
-            fused = self._fused and fused_eligible(p, p.grad)
+            fused = self._fused is not False and fused_eligible(p, p.grad) and load_kernel() is not None
             members.setdefault((p.device, p.dtype, p.grad.dtype, fused), []).append(p)
         buckets = []
         for (_, _, _, fused), params in members.items():
