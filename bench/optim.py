@@ -1,6 +1,6 @@
 """Optimizer benchmark: Fp8AdamW against torch.optim.AdamW on a ~50M-parameter GPT, on this CPU.
 
-    python bench/optim.py                 # ~2 minutes; prints one table
+    python bench/optim.py                 # ~1 minute; prints one table
     python bench/optim.py --rounds 5      # quicker, noisier
 
 Measured per optimizer, in one process, on identical models and gradients:
