@@ -40,7 +40,7 @@ _FP16_RANGE = Fp8Format(name="fp16", dtype=torch.float16, max=65504.0, min_norma
 class StateFormat:
     """name:  config name ("e4m3" | "bf16" | "fp16" | "fp32").
     dtype:  torch dtype that stores the values.
-    code:   the dtype's number in the CPU kernel (``_kernel_src``).
+    code:   the dtype's number in the CPU kernel (``csrc/fp8adamw.c``).
     range:  format whose ``max`` the scaled values are fitted under; None: unscaled.
     """
 

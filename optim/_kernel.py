@@ -1,4 +1,4 @@
-"""The fused CPU step: build the C kernel of ``_kernel_src`` once per machine and call it.
+"""The fused CPU step: build the C kernel ``csrc/fp8adamw.c`` once per machine and call it.
 
 Why C and not ``torch.compile``: with AVX2 (this project's CPUs), inductor loads 1-byte elements
 through a ``memcpy`` slow path, turns writes into slices of one output into a select chain over the
@@ -13,6 +13,7 @@ Python call. Where it cannot be built, the optimizer uses the foreach path (same
 from __future__ import annotations
 
 import ctypes
+import importlib.resources
 import functools
 import getpass
 import hashlib
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from fp8train.optim._kernel_src import SOURCE
 
 __all__ = ["KernelArgs", "load_kernel"]
 
@@ -35,6 +35,12 @@ _BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=of
 _ISA_FLAGS = {"AVX2": ("-mavx2", "-mfma", "-mf16c"), "AVX512": ("-mavx2", "-mfma", "-mf16c")}
 
 _P = ctypes.c_void_p
+
+
+@functools.cache
+def _source() -> str:
+    """The kernel's C source, shipped as package data of fp8train.optim."""
+    return importlib.resources.files("fp8train.optim").joinpath("csrc/fp8adamw.c").read_text()
 
 
 class KernelArgs(ctypes.Structure):
@@ -56,7 +62,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str, flags: tuple[str, ...], out: Path) -> None:
     src = out.with_suffix(".c")
-    src.write_text(SOURCE)
+    src.write_text(_source())
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")  # atomic publish: ranks may build at once
     subprocess.run([cc, *flags, "-o", str(tmp), str(src)], check=True, capture_output=True, text=True)
     os.replace(tmp, out)
@@ -77,7 +83,7 @@ def load_kernel(portable: bool = False) -> ctypes.CDLL | None:
     cache.mkdir(parents=True, exist_ok=True)
     error = ""
     for flags in attempts:
-        key = hashlib.sha256("\0".join((SOURCE, cc, *flags)).encode()).hexdigest()[:20]
+        key = hashlib.sha256("\0".join((_source(), cc, *flags)).encode()).hexdigest()[:20]
         out = cache / f"fp8adamw_{key}.so"
         try:
             if not out.exists():

@@ -42,6 +42,7 @@ def test_wheel_contains_only_the_fp8train_namespace(tmp_path: Path) -> None:
     assert {t for t in top_levels if not t.endswith(".dist-info")} == {"fp8train"}
     assert "fp8train/comm/__init__.py" in names and "fp8train/optim/__init__.py" in names
     assert "fp8train/configs/precision/fp8.yaml" in names
+    assert "fp8train/optim/csrc/fp8adamw.c" in names  # the optimizer's C kernel builds from the wheel
 
 
 def test_import_patches_nothing_in_torch() -> None:
