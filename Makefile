@@ -1,5 +1,5 @@
 # fp8train developer entry points. Both targets create .venv and install what is missing first.
-#   make train   FP8-vs-fp32 training demo on the bundled Shakespeare corpus (CPU is fine)
+#   make train   FP8-vs-fp32 training demo (fp32 / FP8 GEMMs / FP8 GEMMs + Fp8AdamW) on the bundled Shakespeare corpus (CPU is fine)
 #   make test    the test suite (CPU, ~5 min on 2 cores)
 #   make bench   the benchmark tables (bench/*.py)
 # TORCH_SPEC picks the torch build installed into a new .venv (default: the CPU wheel CI pins).
@@ -28,3 +28,5 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/cast.py
+	$(PY) bench/linear.py
+	$(PY) bench/optim.py
