@@ -44,7 +44,11 @@ def _train(label: str, fp8: bool, fp8_optim: bool, train_tok: torch.Tensor, val_
     if fp8:
         convert_to_fp8(model, config=Fp8Config(recipe="current"))
     opt_cls = Fp8AdamW if fp8_optim else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=0.1)
+    # lr 1e-3, beta2 0.99 (nanoGPT's char-level setting). This small tied-embedding GPT first sits on
+    # the unigram plateau (loss ~3.3); with lr 2e-3, beta2 0.999 the step at which a run leaves it
+    # varied from ~100 to >300 between runs that differ only in rounding, which swamped the
+    # fp32-vs-FP8 difference this demo is meant to show. With these settings all runs leave it early.
+    opt = opt_cls(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     start, loss_ema = time.perf_counter(), None
     bar = tqdm(range(args.steps), desc=f"{label:>12}", unit="step", dynamic_ncols=True)
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=128, help="n_embd")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
               f"| {r['tokens_per_s']:9.0f} | {r['seconds']:6.1f}")
     print("\nfp8: E4M3 forward, E5M2 backward GEMMs with per-tensor power-of-two scales "
           f"({'FP8 tensor cores' if device.type == 'cuda' else 'exact emulation on CPU'}).")
+    print("Single runs of a few hundred steps: the fp32 run alone moves by a few % with the seed "
+          "(--seed), so read gaps of that size as run-to-run spread, not precision.")
 
 
 if __name__ == "__main__":
