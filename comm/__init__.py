@@ -2,4 +2,25 @@
 stock torch.distributed collectives. Installed as ``fp8train.comm``; never import it as a
 top-level ``comm`` (that name belongs to Jupyter)."""
 
-__all__: list[str] = []
+from fp8train.comm._layout import FlatLayout, plan_buckets, uniform_bounds
+from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
+from fp8train.comm.config import Fp8CommConfig
+from fp8train.comm.ddp_hook import Fp8CommHookState, fp8_comm_hook, register_fp8_comm_hook
+from fp8train.comm.stats import CommStats
+
+__all__ = [
+    # configuration and monitoring
+    "CommStats",
+    "Fp8CommConfig",
+    # gradient synchronisation
+    "fp8_all_reduce_",
+    "fp8_reduce_scatter",
+    # DDP
+    "Fp8CommHookState",
+    "fp8_comm_hook",
+    "register_fp8_comm_hook",
+    # layout helpers
+    "FlatLayout",
+    "plan_buckets",
+    "uniform_bounds",
+]

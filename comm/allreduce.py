@@ -1,0 +1,175 @@
+"""FP8 gradient all-reduce with a globally-synced scale, built from stock collectives (DESIGN §4).
+
+One bucket of n gradient tensors on N ranks:
+  1. local amax of every tensor (one foreach norm), NaN -> inf so MAX cannot drop it;
+  2. ONE all_reduce(MAX) of the n-vector: the global amax, identical on every rank;
+  3. a shared power-of-two scale per tensor, ``amax_to_log2_scale`` (global amax just under the
+     format's max, minus ``margin``): no rank can saturate, and scaling is exact;
+  4. quantize into one flat FP8 payload (tensors end to end);
+  5. reduce-scatter as all_to_all_single on uint8 views: rank r receives every rank's copy of its
+     chunk, decodes to fp32 and sums them in rank order 0..N-1 (one fixed order: deterministic),
+     then divides by N. The sum stays in scaled units: |sum| <= N * fmax, far from fp32 overflow;
+  6. all-reduce only: requantize the mean with the SAME scale (|mean| <= global amax, so it fits
+     and needs no second sync) and all_gather the uint8 chunks; every rank decodes the same bytes,
+     so every rank ends with bit-identical gradients.
+Wire: (N-1)/N bytes per element out in step 5 and again in step 6 = 2(N-1)/N, a quarter of an fp32
+ring all-reduce (8(N-1)/N), plus 2(N-1)/N * 4n bytes of amax.
+
+Overflow: an inf/NaN gradient anywhere makes that tensor's global amax inf on every rank after step
+2, so all ranks agree on it without another collective (the fp32 sum itself cannot overflow, see
+step 5). Such a bucket is not sent at all: its gradients are left as they were and ``found_inf`` is
+set; the caller skips the optimizer step.
+
+Error bound (per element, against the exact mean m of the inputs x_1..x_N, with s the shared scale,
+q the format's relative rounding error 2**-(mantissa_bits + 1) and d half its smallest subnormal):
+  |out - m| <= (q * mean_i |x_i| + d / s) + (q * |m~| + d / s)
+where m~ is the fp32 mean of the decoded inputs: each input is rounded once (step 4) and the mean once
+more (step 6). The fp32 sum and the division by N add at most about N * 2**-24 relative, negligible
+beside q (2**-4 for e4m3). The reduce-scatter alone carries only the first term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from fp8train.cast import cast_to_fp8, quantization_stats
+from fp8train.comm._collectives import Collectives
+from fp8train.comm._layout import FlatLayout, plan_buckets, uniform_bounds
+from fp8train.comm.config import Fp8CommConfig
+from fp8train.comm.stats import CommStats
+from fp8train.formats import Fp8Format
+from fp8train.scaling import amax_to_log2_scale
+
+__all__ = ["fp8_all_reduce_", "fp8_reduce_scatter"]
+
+
+def _check_grads(grads: Sequence[torch.Tensor]) -> None:
+    if not grads:
+        return
+    device = grads[0].device
+    for i, g in enumerate(grads):
+        if not g.is_floating_point() or g.element_size() < 2:
+            raise ValueError(f"fp8train.comm: gradient {i} has dtype {g.dtype}; allowed: float32, bfloat16, float16")
+        if g.device != device:
+            raise ValueError(f"fp8train.comm: gradient {i} is on {g.device}, gradient 0 on {device}; "
+                             "a bucket must live on one device")
+
+
+def _sync_log2_scales(grads: Sequence[torch.Tensor], fmt: Fp8Format, margin: int,
+                      coll: Collectives) -> tuple[torch.Tensor, bool]:
+    """Steps 1-3: shared scaling biases (n,) and whether any rank holds an inf/NaN gradient."""
+    amax = torch.stack(torch._foreach_norm(list(grads), ord=float("inf"))).to(torch.float32)
+    amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
+    coll.all_reduce_max_(amax)
+    found_inf = not bool(torch.isfinite(amax).all())  # the one host read of the bucket's amax
+    return amax_to_log2_scale(amax, fmt, margin=margin), found_inf
+
+
+def _quantize_flat(grads: Sequence[torch.Tensor], layout: FlatLayout, scale: torch.Tensor, fmt: Fp8Format,
+                   stats: CommStats | None) -> torch.Tensor:
+    """Step 4: the bucket as one flat FP8 tensor; counts saturation/underflow into ``stats`` if given."""
+    flat = torch.empty(layout.numel, dtype=fmt.dtype, device=grads[0].device)
+    saturated = underflowed = 0
+    for g, off, n, s in zip(grads, layout.offsets, layout.numels, scale.unbind(0)):
+        g_flat = g.reshape(-1)
+        q = cast_to_fp8(g_flat, s, fmt, out=flat[off:off + n])
+        if stats is not None:
+            counts = quantization_stats(g_flat, s, q, fmt)
+            saturated += int(counts.saturated)
+            underflowed += int(counts.underflowed)
+    if stats is not None:
+        stats.saturated, stats.underflowed = saturated, underflowed
+    return flat
+
+
+def _reduce_chunk(flat: torch.Tensor, bounds: Sequence[int], fmt: Fp8Format, coll: Collectives) -> torch.Tensor:
+    """Step 5: this rank's chunk [bounds[r], bounds[r+1]) summed over ranks in rank order and divided
+    by N, in scaled units (fp32)."""
+    sizes = [bounds[r + 1] - bounds[r] for r in range(coll.world_size)]
+    mine = sizes[coll.rank]
+    recv = torch.empty(coll.world_size * mine, dtype=torch.uint8, device=flat.device)
+    coll.all_to_all_(recv, flat.view(torch.uint8), [mine] * coll.world_size, sizes)
+    parts = recv.view(fmt.dtype).view(coll.world_size, mine)
+    acc = parts[0].to(torch.float32)
+    for r in range(1, coll.world_size):  # fixed order 0..N-1: the same bits whatever arrives first
+        acc.add_(parts[r].to(torch.float32))
+    return acc.div_(coll.world_size)
+
+
+def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, group: dist.ProcessGroup | None,
+                       quant_stats: bool) -> CommStats:
+    fmt, layout = config.fp8_format, FlatLayout.of(grads)
+    stats = CommStats(elements=layout.numel)
+    coll = Collectives(group, stats)
+    log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
+    stats.log2_scales = log2_scale.cpu()
+    if stats.found_inf:
+        return stats
+    bounds = uniform_bounds(layout.numel, coll.world_size)
+    flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, stats if quant_stats else None)
+    mean_scaled = _reduce_chunk(flat, bounds, fmt, coll)
+    chunk = bounds[1]  # every rank's slot in the gather; the last ranks' chunks are padded
+    mine = torch.zeros(chunk, dtype=torch.uint8, device=flat.device)
+    one = torch.ones((), dtype=torch.float32, device=flat.device)  # same scale: values already scaled
+    cast_to_fp8(mean_scaled, one, fmt, out=mine[:mean_scaled.numel()].view(fmt.dtype))
+    gathered = torch.empty(coll.world_size * chunk, dtype=torch.uint8, device=flat.device)
+    coll.all_gather_(gathered, mine)
+    mean_hp = gathered[:layout.numel].view(fmt.dtype).to(torch.float32)
+    views = [mean_hp[off:off + n] for off, n in zip(layout.offsets, layout.numels)]
+    torch._foreach_mul_(views, list(torch.exp2(-log2_scale).unbind(0)))  # power of two: exact
+    torch._foreach_copy_(list(grads), [v.view(g.shape) for v, g in zip(views, grads)])
+    return stats
+
+
+def fp8_all_reduce_(grads: Sequence[torch.Tensor], *, config: Fp8CommConfig | None = None,
+                    group: dist.ProcessGroup | None = None, quant_stats: bool = False) -> CommStats:
+    """Replace each gradient by its mean over the ranks of ``group``, sent in FP8 (see the module
+    docstring for the algorithm and its error bound). Tensors may differ in shape and dtype
+    (fp32 / bf16 / fp16) and must share a device; they are bucketed by ``config.bucket_bytes``.
+
+    Returns the merged ``CommStats`` of all buckets. If ``found_inf`` is set, the buckets holding
+    the inf/NaN were left unchanged on every rank; skip the optimizer step.
+    ``quant_stats``: also count saturated/underflowed elements (one extra pass).
+    """
+    config = config or Fp8CommConfig()
+    grads = list(grads)
+    _check_grads(grads)
+    total = CommStats()
+    for bucket in plan_buckets(grads, config.bucket_bytes):
+        total = total.merge(_all_reduce_bucket([grads[i] for i in bucket], config, group, quant_stats))
+    return total
+
+
+def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
+                       config: Fp8CommConfig | None = None, group: dist.ProcessGroup | None = None,
+                       quant_stats: bool = False) -> tuple[torch.Tensor | None, CommStats]:
+    """Steps 1-5 for one bucket: the mean over ranks of the flat elements [bounds[r], bounds[r+1])
+    that this rank owns (``bounds``: N+1 non-decreasing element offsets from 0 to the bucket's
+    numel, e.g. ``uniform_bounds`` or ``FlatLayout.owner_bounds`` for whole-tensor owners), as fp32
+    in real units. Returns (None, stats with found_inf) when any rank had an inf/NaN gradient."""
+    config = config or Fp8CommConfig()
+    grads = list(grads)
+    _check_grads(grads)
+    fmt, layout = config.fp8_format, FlatLayout.of(grads)
+    stats = CommStats(elements=layout.numel)
+    coll = Collectives(group, stats)
+    if len(bounds) != coll.world_size + 1 or bounds[0] != 0 or bounds[-1] != layout.numel \
+            or any(b > c for b, c in zip(bounds, bounds[1:])):
+        raise ValueError(f"fp8_reduce_scatter: bounds must be {coll.world_size + 1} non-decreasing offsets "
+                         f"from 0 to {layout.numel}; got {list(bounds)}")
+    if not grads:
+        return torch.zeros(0), stats
+    log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
+    stats.log2_scales = log2_scale.cpu()
+    if stats.found_inf:
+        return None, stats
+    flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, stats if quant_stats else None)
+    lo, hi = bounds[coll.rank], bounds[coll.rank + 1]
+    mean = _reduce_chunk(flat, bounds, fmt, coll)
+    scale_inv = torch.exp2(-log2_scale)
+    for i, start, stop in layout.segments(lo, hi):
+        mean[start - lo:stop - lo].mul_(scale_inv[i])
+    return mean, stats

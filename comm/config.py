@@ -1,0 +1,41 @@
+"""``Fp8CommConfig``: how gradients travel in FP8 (format, margin, bucket size, sampled statistics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fp8train._validate import check_choice, check_int_range
+from fp8train.formats import FP8_FORMATS, Fp8Format
+
+__all__ = ["Fp8CommConfig"]
+
+_OWNER = "Fp8CommConfig"
+
+
+@dataclass(kw_only=True, slots=True)
+class Fp8CommConfig:
+    """format:       FP8 format on the wire: "e4m3" (default: 3 mantissa bits, relative error <= 2**-4;
+                     the shared scale already fits the global amax, so e5m2's extra range buys
+                     nothing for a mean) or "e5m2" (2 mantissa bits, relative error <= 2**-3).
+    margin:          extra power-of-two headroom under the format's max (scaling bias reduced by it);
+                     0 is safe here because the scale comes from the global amax of this very data.
+    bucket_bytes:    gradient bytes (in their own dtype) per bucket for ``fp8_all_reduce_``: one amax
+                     sync, one all-to-all and one all-gather per bucket. DDP hooks use DDP's buckets.
+    stats_every:     count saturated / underflowed elements every k-th call (an extra pass over the
+                     gradients); 0 never.
+    """
+
+    format: str = "e4m3"
+    margin: int = 0
+    bucket_bytes: int = 64 * 2**20
+    stats_every: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(_OWNER, "format", self.format, tuple(FP8_FORMATS))
+        check_int_range(_OWNER, "margin", self.margin, 0, 16)
+        check_int_range(_OWNER, "bucket_bytes", self.bucket_bytes, 1)
+        check_int_range(_OWNER, "stats_every", self.stats_every, 0)
+
+    @property
+    def fp8_format(self) -> Fp8Format:
+        return FP8_FORMATS[self.format]
