@@ -45,20 +45,22 @@ def test_layout_segments_and_owner_bounds():
 
 SHAPES_DTYPES = [((64, 48), torch.float32, 1e-3), ((1000,), torch.bfloat16, 10.0), ((7, 3, 5), torch.float16, 0.5),
                  ((1,), torch.float32, 3e-7), ((33, 17), torch.float32, 1.0)]
+# one tensor large enough for the compiled CPU cast and decode paths (>= 2**16 elements per rank chunk)
+LARGE = ((2, 70_000), torch.float32, 0.02)
 
 
-def _rank_grads(rank: int) -> list[torch.Tensor]:
+def _rank_grads(rank: int, large: bool = False) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + rank)
     grads = []
-    for shape, dtype, magnitude in SHAPES_DTYPES:
+    for shape, dtype, magnitude in SHAPES_DTYPES + ([LARGE] if large else []):
         g = torch.randn(shape, generator=gen) * magnitude
         g[..., 0] = 0.0  # exact zeros stay zero
         grads.append(g.to(dtype))
     return grads
 
 
-def _worker_all_reduce(rank, world_size, fmt_name, bucket_bytes):
-    grads = _rank_grads(rank)
+def _worker_all_reduce(rank, world_size, fmt_name, bucket_bytes, large=False):
+    grads = _rank_grads(rank, large)
     stats = fp8_all_reduce_(grads, config=Fp8CommConfig(format=fmt_name, bucket_bytes=bucket_bytes), quant_stats=True)
     return grads, stats
 
@@ -77,16 +79,17 @@ def _bound(inputs: list[torch.Tensor], out_dtype: torch.dtype, log2_scale: float
     return fp8 + fp32_sum + out_rounding * (mean.abs() + fp8) + 1e-45
 
 
-@pytest.mark.parametrize("world_size, fmt_name, bucket_bytes", [
-    (2, "e4m3", 64 * 2**20), (2, "e5m2", 3000), (4, "e4m3", 3000),
+@pytest.mark.parametrize("world_size, fmt_name, bucket_bytes, large", [
+    (2, "e4m3", 64 * 2**20, True), (2, "e5m2", 3000, False), (4, "e4m3", 3000, False),
 ])
-def test_all_reduce_within_the_fp8_bound_and_identical_on_every_rank(world_size, fmt_name, bucket_bytes):
-    results = run_workers(_worker_all_reduce, world_size, fmt_name, bucket_bytes)
-    inputs = [_rank_grads(r) for r in range(world_size)]
+def test_all_reduce_within_the_fp8_bound_and_identical_on_every_rank(world_size, fmt_name, bucket_bytes, large):
+    results = run_workers(_worker_all_reduce, world_size, fmt_name, bucket_bytes, large)
+    inputs = [_rank_grads(r, large) for r in range(world_size)]
     grads0, stats0 = results[0]
     scales = stats0.log2_scales.tolist()
-    assert len(scales) == len(SHAPES_DTYPES)
-    for i, (_, dtype, _) in enumerate(SHAPES_DTYPES):
+    specs = SHAPES_DTYPES + ([LARGE] if large else [])
+    assert len(scales) == len(specs)
+    for i, (_, dtype, _) in enumerate(specs):
         ref = torch.stack([inp[i].double() for inp in inputs]).mean(0)
         err = (grads0[i].double() - ref).abs()
         bound = _bound([inp[i] for inp in inputs], dtype, scales[i], fmt_name)
