@@ -1,6 +1,9 @@
-"""The three stock collectives the FP8 all-reduce is built from, each counted into ``CommStats``.
+"""The stock torch.distributed operations the FP8 all-reduce is built from, each counted into
+``CommStats``.
 
 FP8 travels as uint8 views: torch.distributed refuses float8 dtypes, and a byte copy is lossless.
+The chunk exchanges (all-to-all, all-gather) run either as the collectives themselves or as batched
+isend/irecv to every peer (``Fp8CommConfig.exchange``); both move the same bytes.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ __all__ = ["Collectives"]
 
 
 class Collectives:
-    """Collectives on ``group`` (None: the default group) that add their traffic to ``stats``."""
+    """Operations on ``group`` (None: the default group) that add their traffic to ``stats``.
+    exchange: "collective" | "p2p" | "auto" (p2p on gloo, where its collectives run at about half the
+    link rate; collective elsewhere)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats, exchange: str = "auto") -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.stats = stats
+        if exchange == "auto":
+            exchange = "p2p" if dist.get_backend(group) == dist.Backend.GLOO else "collective"
+        self.p2p = exchange == "p2p"
 
     def all_reduce_max_(self, x: torch.Tensor) -> None:
         """In-place elementwise MAX over ranks (the amax sync)."""
@@ -32,16 +40,39 @@ class Collectives:
     def all_to_all_(self, out_u8: torch.Tensor, in_u8: torch.Tensor, out_splits: list[int],
                     in_splits: list[int]) -> None:
         """Rank r sends in_u8's r'-th split to rank r' and receives every rank's r-th split."""
-        dist.all_to_all_single(out_u8, in_u8, out_splits, in_splits, group=self.group)
+        if self.p2p:
+            ins, outs = in_u8.split(in_splits), out_u8.split(out_splits)
+            outs[self.rank].copy_(ins[self.rank])
+            self._exchange([(r, ins[r]) for r in self._peers()], [(r, outs[r]) for r in self._peers()])
+        else:
+            dist.all_to_all_single(out_u8, in_u8, out_splits, in_splits, group=self.group)
         self._count(sum(in_splits) - in_splits[self.rank], sum(out_splits) - out_splits[self.rank])
 
     def all_gather_(self, out_u8: torch.Tensor, in_u8: torch.Tensor) -> None:
         """out_u8 = concatenation of every rank's equally sized in_u8, in rank order."""
-        # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out_u8, in_u8, group=self.group)
+        if self.p2p:
+            outs = out_u8.split(in_u8.numel())
+            outs[self.rank].copy_(in_u8)
+            self._exchange([(r, in_u8) for r in self._peers()], [(r, outs[r]) for r in self._peers()])
+        else:
+            # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(out_u8, in_u8, group=self.group)
         others = (self.world_size - 1) * in_u8.nbytes
         self._count(others, others)
+
+    def _peers(self) -> list[int]:
+        return [r for r in range(self.world_size) if r != self.rank]
+
+    def _exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
+        """All sends and receives posted at once (full duplex to every peer), then awaited."""
+        def peer(r: int) -> int:
+            return r if self.group is None else dist.get_global_rank(self.group, r)
+
+        ops = [dist.P2POp(dist.isend, t, peer(r), self.group) for r, t in sends if t.numel()]
+        ops += [dist.P2POp(dist.irecv, t, peer(r), self.group) for r, t in recvs if t.numel()]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
 
     def _count(self, sent: int, received: int) -> None:
         self.stats.collectives += 1

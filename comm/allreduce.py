@@ -102,7 +102,7 @@ def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, gro
                        quant_stats: bool) -> CommStats:
     fmt, layout = config.fp8_format, FlatLayout.of(grads)
     stats = CommStats(elements=layout.numel)
-    coll = Collectives(group, stats)
+    coll = Collectives(group, stats, config.exchange)
     log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
     stats.log2_scales = log2_scale.cpu()
     if stats.found_inf:
@@ -157,7 +157,7 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
     _check_grads(grads)
     fmt, layout = config.fp8_format, FlatLayout.of(grads)
     stats = CommStats(elements=layout.numel)
-    coll = Collectives(group, stats)
+    coll = Collectives(group, stats, config.exchange)
     if len(bounds) != coll.world_size + 1 or bounds[0] != 0 or bounds[-1] != layout.numel \
             or any(b > c for b, c in zip(bounds, bounds[1:])):
         raise ValueError(f"fp8_reduce_scatter: bounds must be {coll.world_size + 1} non-decreasing offsets "

@@ -23,18 +23,25 @@ class Fp8CommConfig:
                      sync, one all-to-all and one all-gather per bucket. DDP hooks use DDP's buckets.
     stats_every:     count saturated / underflowed elements every k-th call (an extra pass over the
                      gradients); 0 never.
+    exchange:        how the FP8 chunks move: "collective" (all_to_all_single + all_gather_single),
+                     "p2p" (batched isend/irecv to every peer, the same bytes), or "auto" (default:
+                     p2p on gloo, collective elsewhere). Measured on a 1 Gbit/s link between two
+                     hosts: gloo's all_to_all_single moves 59 MB/s and its all-gather 74 MB/s, an
+                     isend/irecv pair 119 MB/s (line rate); NCCL implements both as grouped p2p.
     """
 
     format: str = "e4m3"
     margin: int = 0
     bucket_bytes: int = 64 * 2**20
     stats_every: int = 0
+    exchange: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice(_OWNER, "format", self.format, tuple(FP8_FORMATS))
         check_int_range(_OWNER, "margin", self.margin, 0, 16)
         check_int_range(_OWNER, "bucket_bytes", self.bucket_bytes, 1)
         check_int_range(_OWNER, "stats_every", self.stats_every, 0)
+        check_choice(_OWNER, "exchange", self.exchange, ("auto", "collective", "p2p"))
 
     @property
     def fp8_format(self) -> Fp8Format:

@@ -59,9 +59,10 @@ def _rank_grads(rank: int, large: bool = False) -> list[torch.Tensor]:
     return grads
 
 
-def _worker_all_reduce(rank, world_size, fmt_name, bucket_bytes, large=False):
+def _worker_all_reduce(rank, world_size, fmt_name, bucket_bytes, large=False, exchange="auto"):
     grads = _rank_grads(rank, large)
-    stats = fp8_all_reduce_(grads, config=Fp8CommConfig(format=fmt_name, bucket_bytes=bucket_bytes), quant_stats=True)
+    config = Fp8CommConfig(format=fmt_name, bucket_bytes=bucket_bytes, exchange=exchange)
+    stats = fp8_all_reduce_(grads, config=config, quant_stats=True)
     return grads, stats
 
 
@@ -79,11 +80,12 @@ def _bound(inputs: list[torch.Tensor], out_dtype: torch.dtype, log2_scale: float
     return fp8 + fp32_sum + out_rounding * (mean.abs() + fp8) + 1e-45
 
 
-@pytest.mark.parametrize("world_size, fmt_name, bucket_bytes, large", [
-    (2, "e4m3", 64 * 2**20, True), (2, "e5m2", 3000, False), (4, "e4m3", 3000, False),
+@pytest.mark.parametrize("world_size, fmt_name, bucket_bytes, large, exchange", [
+    (2, "e4m3", 64 * 2**20, True, "auto"), (2, "e5m2", 3000, False, "p2p"), (4, "e4m3", 3000, False, "collective"),
 ])
-def test_all_reduce_within_the_fp8_bound_and_identical_on_every_rank(world_size, fmt_name, bucket_bytes, large):
-    results = run_workers(_worker_all_reduce, world_size, fmt_name, bucket_bytes, large)
+def test_all_reduce_within_the_fp8_bound_and_identical_on_every_rank(world_size, fmt_name, bucket_bytes, large,
+                                                                      exchange):
+    results = run_workers(_worker_all_reduce, world_size, fmt_name, bucket_bytes, large, exchange)
     inputs = [_rank_grads(r, large) for r in range(world_size)]
     grads0, stats0 = results[0]
     scales = stats0.log2_scales.tolist()
@@ -123,46 +125,58 @@ def test_exactly_representable_inputs_sum_exactly(world_size):
         assert torch.equal(grads[1], expected)
 
 
-def _worker_count_collectives(rank, world_size, bucket_bytes):
-    calls = {"max": 0, "other_all_reduce": 0, "a2a_sent": 0, "gather_sent": 0, "a2a": 0, "gather": 0}
-    real_all_reduce, real_a2a, real_gather = dist.all_reduce, dist.all_to_all_single, dist.all_gather_single
+def _worker_count_collectives(rank, world_size, bucket_bytes, exchange):
+    calls = {"max": 0, "other_all_reduce": 0, "sent": 0, "exchanges": 0}
+    real = {name: getattr(dist, name) for name in ("all_reduce", "all_to_all_single", "all_gather_single",
+                                                   "batch_isend_irecv")}
 
     def all_reduce(t, op=dist.ReduceOp.SUM, **kw):
         calls["max" if op == dist.ReduceOp.MAX else "other_all_reduce"] += 1
-        return real_all_reduce(t, op=op, **kw)
+        return real["all_reduce"](t, op=op, **kw)
 
     def a2a(out, inp, out_splits=None, in_splits=None, **kw):
-        calls["a2a"] += 1
-        calls["a2a_sent"] += inp.numel() * inp.element_size() - in_splits[rank]
-        return real_a2a(out, inp, out_splits, in_splits, **kw)
+        calls["exchanges"] += 1
+        calls["sent"] += inp.numel() * inp.element_size() - in_splits[rank]
+        return real["all_to_all_single"](out, inp, out_splits, in_splits, **kw)
 
     def gather(out, inp, **kw):
-        calls["gather"] += 1
-        calls["gather_sent"] += (world_size - 1) * inp.numel() * inp.element_size()
-        return real_gather(out, inp, **kw)
+        calls["exchanges"] += 1
+        calls["sent"] += (world_size - 1) * inp.numel() * inp.element_size()
+        return real["all_gather_single"](out, inp, **kw)
 
-    # test-only interception of this worker's collectives (counting, then the real call)
-    dist.all_reduce, dist.all_to_all_single, dist.all_gather_single = all_reduce, a2a, gather
+    def batch(ops):
+        calls["exchanges"] += 1
+        calls["sent"] += sum(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return real["batch_isend_irecv"](ops)
+
+    # test-only interception of this worker's torch.distributed calls (count, then the real call)
+    for name, fn in (("all_reduce", all_reduce), ("all_to_all_single", a2a), ("all_gather_single", gather),
+                     ("batch_isend_irecv", batch)):
+        setattr(dist, name, fn)
     try:
         grads = [torch.randn(4096), torch.randn(100, 30), torch.randn(5000)]
-        stats = fp8_all_reduce_(grads, config=Fp8CommConfig(bucket_bytes=bucket_bytes))
+        stats = fp8_all_reduce_(grads, config=Fp8CommConfig(bucket_bytes=bucket_bytes, exchange=exchange))
     finally:
-        dist.all_reduce, dist.all_to_all_single, dist.all_gather_single = real_all_reduce, real_a2a, real_gather
+        for name, fn in real.items():
+            setattr(dist, name, fn)
     return calls, stats
 
 
-@pytest.mark.parametrize("world_size, bucket_bytes, n_buckets", [(2, 10**9, 1), (2, 20_000, 3), (4, 10**9, 1)])
-def test_one_amax_sync_per_bucket_and_fp8_wire_bytes(world_size, bucket_bytes, n_buckets):
-    for calls, stats in run_workers(_worker_count_collectives, world_size, bucket_bytes):
+@pytest.mark.parametrize("world_size, bucket_bytes, n_buckets, exchange", [
+    (2, 10**9, 1, "collective"), (2, 20_000, 3, "p2p"), (4, 10**9, 1, "p2p"), (4, 20_000, 3, "collective"),
+])
+def test_one_amax_sync_per_bucket_and_fp8_wire_bytes(world_size, bucket_bytes, n_buckets, exchange):
+    for calls, stats in run_workers(_worker_count_collectives, world_size, bucket_bytes, exchange):
         assert calls["max"] == n_buckets and calls["other_all_reduce"] == 0
-        assert calls["a2a"] == calls["gather"] == n_buckets
+        assert calls["exchanges"] == 2 * n_buckets  # reduce-scatter and all-gather per bucket
         assert stats.amax_syncs == n_buckets and stats.collectives == 3 * n_buckets
         elements = 4096 + 3000 + 5000
-        payload = calls["a2a_sent"] + calls["gather_sent"]
+        payload = calls["sent"]
         ideal = 2 * (world_size - 1) / world_size * elements
         # uniform chunks pad the gather by < 1 element per rank and bucket
         assert ideal - 1 <= payload <= ideal + world_size * (world_size - 1) * n_buckets
-        amax_bytes = 2 * (world_size - 1) * 4 * 3 // world_size
+        tensors_per_bucket = [3] if n_buckets == 1 else [1, 1, 1]  # 16384, 12000, 20000 bytes vs the budget
+        amax_bytes = sum(2 * (world_size - 1) * 4 * k // world_size for k in tensors_per_bucket)
         assert stats.bytes_sent == payload + amax_bytes
         assert stats.wire_bytes_per_element == pytest.approx(2 * (world_size - 1) / world_size, rel=0.02)
 
