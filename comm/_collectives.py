@@ -8,12 +8,20 @@ isend/irecv to every peer (``Fp8CommConfig.exchange``); both move the same bytes
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
 from fp8train.comm.stats import CommStats
 
 __all__ = ["Collectives"]
+
+# p2p messages go out in pieces of at most this many bytes, all posted at once (distinct tags), each
+# send next to the matching receive. Measured on a 1 Gbit/s link with 32 MB each way: one message
+# per direction took 0.28 s or 0.56 s from call to call; all sends posted before all receives, the
+# same; pieces interleaved send/receive: 0.29-0.32 s every time (line rate).
+P2P_PIECE_BYTES = 4 * 2**20
 
 
 class Collectives:
@@ -65,12 +73,18 @@ class Collectives:
         return [r for r in range(self.world_size) if r != self.rank]
 
     def _exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
-        """All sends and receives posted at once (full duplex to every peer), then awaited."""
+        """All sends and receives posted at once (full duplex to every peer), in pieces, then awaited."""
         def peer(r: int) -> int:
             return r if self.group is None else dist.get_global_rank(self.group, r)
 
-        ops = [dist.P2POp(dist.isend, t, peer(r), self.group) for r, t in sends if t.numel()]
-        ops += [dist.P2POp(dist.irecv, t, peer(r), self.group) for r, t in recvs if t.numel()]
+        def pieces(op: object, r: int, t: torch.Tensor) -> list[dist.P2POp]:
+            return [dist.P2POp(op, piece, peer(r), self.group, tag)
+                    for tag, piece in enumerate(t.split(P2P_PIECE_BYTES)) if piece.numel()]
+
+        ops = []
+        for (dst, t_send), (src, t_recv) in zip(sends, recvs):  # send piece i, receive piece i, ...
+            for pair in itertools.zip_longest(pieces(dist.isend, dst, t_send), pieces(dist.irecv, src, t_recv)):
+                ops += [op for op in pair if op is not None]
         for work in dist.batch_isend_irecv(ops) if ops else []:
             work.wait()
 
