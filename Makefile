@@ -30,3 +30,4 @@ bench: $(STAMP)
 	$(PY) bench/cast.py
 	$(PY) bench/linear.py
 	$(PY) bench/optim.py
+	$(VENV)/bin/torchrun --nproc-per-node=2 bench/comm.py

@@ -27,36 +27,39 @@ __all__ = ["FAST_DECODE_MIN_NUMEL", "decode_fp8_into", "mean_of_fp8_rows"]
 FAST_DECODE_MIN_NUMEL = 1 << 16
 
 
-def _as_fp32_times_factor(code_u8: torch.Tensor, mag_shift: int) -> torch.Tensor:
+def _as_fp32_times_factor(code_u8: torch.Tensor, mag_shift: torch.Tensor) -> torch.Tensor:
     """FP8 codes -> fp32 values times 2**(B - 15) (exact), via an fp16 bit pattern."""
     i = code_u8.to(torch.int32)
     bits = ((i & 0x7F) << mag_shift) | ((i & 0x80) << 8)
     return bits.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
-def _mean_kernel(rows_u8: torch.Tensor, factor: torch.Tensor, *, mag_shift: int) -> torch.Tensor:
+def _mean_kernel(rows_u8: torch.Tensor, mag_shift: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     acc = _as_fp32_times_factor(rows_u8[0], mag_shift)
     for r in range(1, rows_u8.shape[0]):  # unrolled in rank order: one fused loop, fixed summation order
         acc = acc + _as_fp32_times_factor(rows_u8[r], mag_shift)
     return acc * factor / rows_u8.shape[0]  # * 2**(15 - B): exact; / N: one rounding
 
 
-def _decode_kernel(code_u8: torch.Tensor, factor: torch.Tensor, out: torch.Tensor, *, mag_shift: int) -> None:
+def _decode_kernel(code_u8: torch.Tensor, mag_shift: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(_as_fp32_times_factor(code_u8, mag_shift) * factor)
 
 
 @functools.cache
-def _compiled(kernel_name: str, mag_shift: int):
+def _compiled(kernel_name: str):
+    """One compiled function per kernel; the format's shift and factor are tensor arguments, so
+    formats share its code (variants only per row count N and output dtype: few, well under
+    dynamo's recompile limit of 8 per function)."""
     kernel = {"mean": _mean_kernel, "decode": _decode_kernel}[kernel_name]
-    return torch.compile(functools.partial(kernel, mag_shift=mag_shift), fullgraph=True)
+    return torch.compile(kernel, fullgraph=True)
 
 
 def _fast(t: torch.Tensor, numel: int) -> bool:
     return t.device.type == "cpu" and numel >= FAST_DECODE_MIN_NUMEL
 
 
-def _layout(fmt: Fp8Format) -> tuple[int, float]:
-    return 10 - fmt.mantissa_bits, 2.0 ** (15 - fmt.exponent_bias)
+def _layout(fmt: Fp8Format, device: torch.device) -> tuple[torch.Tensor, float]:
+    return torch.tensor(10 - fmt.mantissa_bits, dtype=torch.int32, device=device), 2.0 ** (15 - fmt.exponent_bias)
 
 
 def mean_of_fp8_rows(rows_u8: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
@@ -68,9 +71,9 @@ def mean_of_fp8_rows(rows_u8: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
         for r in range(1, n_rows):
             acc = acc + parts[r].to(torch.float32)
         return acc / n_rows
-    mag_shift, factor = _layout(fmt)
+    mag_shift, factor = _layout(fmt, rows_u8.device)
     torch._dynamo.mark_dynamic(rows_u8, 1)  # one kernel for every chunk size (N is fixed per run)
-    return _compiled("mean", mag_shift)(rows_u8, torch.tensor(factor, dtype=torch.float32))
+    return _compiled("mean")(rows_u8, mag_shift, torch.tensor(factor, dtype=torch.float32))
 
 
 def decode_fp8_into(code_u8: torch.Tensor, fmt: Fp8Format, scale_inv: torch.Tensor, out: torch.Tensor) -> None:
@@ -79,9 +82,9 @@ def decode_fp8_into(code_u8: torch.Tensor, fmt: Fp8Format, scale_inv: torch.Tens
     if not _fast(code_u8, code_u8.numel()):
         out.copy_(code_u8.view(fmt.dtype).to(torch.float32).mul_(scale_inv))
         return
-    mag_shift, factor = _layout(fmt)
+    mag_shift, factor = _layout(fmt, code_u8.device)
     for t in (code_u8, out):
         torch._dynamo.mark_dynamic(t, 0)
     with warnings.catch_warnings():  # inductor notes "bf16 and fp16 mixed" for a bf16 out: harmless
         warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
-        _compiled("decode", mag_shift)(code_u8, (scale_inv * factor).to(torch.float32), out)
+        _compiled("decode")(code_u8, mag_shift, (scale_inv * factor).to(torch.float32), out)
