@@ -6,6 +6,7 @@ from fp8train.comm._layout import FlatLayout, plan_buckets, uniform_bounds
 from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.ddp_hook import Fp8CommHookState, fp8_comm_hook, register_fp8_comm_hook
+from fp8train.comm.partition import Partition, partition_parameters
 from fp8train.comm.stats import CommStats
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "Fp8CommHookState",
     "fp8_comm_hook",
     "register_fp8_comm_hook",
+    # whole-tensor ZeRO
+    "Partition",
+    "partition_parameters",
     # layout helpers
     "FlatLayout",
     "plan_buckets",
