@@ -147,11 +147,13 @@ def fp8_all_reduce_(grads: Sequence[torch.Tensor], *, config: Fp8CommConfig | No
 
 def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
                        config: Fp8CommConfig | None = None, group: dist.ProcessGroup | None = None,
-                       quant_stats: bool = False) -> tuple[torch.Tensor | None, CommStats]:
+                       quant_stats: bool = False, requantize: bool = False) -> tuple[torch.Tensor | None, CommStats]:
     """Steps 1-5 for one bucket: the mean over ranks of the flat elements [bounds[r], bounds[r+1])
     that this rank owns (``bounds``: N+1 non-decreasing element offsets from 0 to the bucket's
     numel, e.g. ``uniform_bounds`` or ``FlatLayout.owner_bounds`` for whole-tensor owners), as fp32
-    in real units. Returns (None, stats with found_inf) when any rank had an inf/NaN gradient."""
+    in real units. Returns (None, stats with found_inf) when any rank had an inf/NaN gradient.
+    ``requantize``: round the mean to FP8 with the shared scale, as ``fp8_all_reduce_`` does before
+    its all-gather, so that a sharded optimizer sees bit-for-bit the replicated path's gradients."""
     config = config or Fp8CommConfig()
     grads = list(grads)
     _check_grads(grads)
@@ -171,6 +173,9 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
     flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, stats if quant_stats else None)
     lo, hi = bounds[coll.rank], bounds[coll.rank + 1]
     mean = _reduce_chunk(flat, bounds, fmt, coll)
+    if requantize:
+        one = torch.ones((), dtype=torch.float32, device=mean.device)
+        mean = cast_to_fp8(mean, one, fmt).to(torch.float32)  # exact decode of the FP8 mean
     scale_inv = torch.exp2(-log2_scale)
     for i, start, stop in layout.segments(lo, hi):
         mean[start - lo:stop - lo].mul_(scale_inv[i])

@@ -313,3 +313,19 @@ def test_no_sync_accumulates_in_high_precision_and_quantizes_once():
             # same accumulated fp32 gradients, same per-tensor scales (DDP's buckets vs one bucket:
             # the scale is per tensor either way) -> the same bits
             assert torch.equal(s, a)
+
+
+def _worker_rs_requantized_matches_all_reduce(rank, world_size):
+    grads = _rank_grads(rank)
+    layout = FlatLayout.of(grads)
+    bounds = uniform_bounds(layout.numel, world_size)
+    chunk, _ = fp8_reduce_scatter([g.float() for g in grads], bounds, requantize=True)
+    reduced = [g.float() for g in grads]
+    fp8_all_reduce_(reduced)
+    flat = torch.cat([g.reshape(-1) for g in reduced])
+    return chunk, flat[bounds[rank]:bounds[rank + 1]]
+
+
+def test_requantized_reduce_scatter_is_bit_identical_to_the_all_reduce_chunk():
+    for chunk, from_all_reduce in run_workers(_worker_rs_requantized_matches_all_reduce, 2):
+        assert torch.equal(chunk, from_all_reduce)
