@@ -8,6 +8,7 @@ from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.ddp_hook import Fp8CommHookState, fp8_comm_hook, register_fp8_comm_hook
 from fp8train.comm.partition import Partition, partition_parameters
 from fp8train.comm.stats import CommStats
+from fp8train.comm.zero import ZeroConfig, ZeroOptimizer, ZeroStepResult, predicted_state_nbytes
 
 __all__ = [
     # configuration and monitoring
@@ -23,6 +24,10 @@ __all__ = [
     # whole-tensor ZeRO
     "Partition",
     "partition_parameters",
+    "ZeroConfig",
+    "ZeroOptimizer",
+    "ZeroStepResult",
+    "predicted_state_nbytes",
     # layout helpers
     "FlatLayout",
     "plan_buckets",

@@ -1,0 +1,315 @@
+"""Whole-tensor ZeRO-1/2 (DESIGN §6): every parameter, with its optimizer state, lives on exactly
+one owner rank (``partition_parameters``: deterministic LPT, no communication); owners step an
+ordinary inner optimizer over their own parameters, then every rank receives the new weights.
+
+One ``ZeroOptimizer.step()`` on N ranks:
+  stage 1: ``fp8_all_reduce_`` of every gradient (replicated on all ranks);
+  stage 2: gradients ordered by (owner, index), so each owner's tensors are contiguous, and
+           ``fp8_reduce_scatter(requantize=True)`` with owner-aligned bounds: each owner receives
+           bit for bit what the all-reduce would have given it for its tensors (the mean is
+           requantized with the same shared scale); non-owners' gradients are freed (``.grad = None``).
+  overflow: the comm's ``found_inf`` is the same on every rank (it comes from the MAX-reduced amax),
+           so every rank skips the rest of the step identically: no clipping, no optimizer step,
+           weights and state untouched, ``skipped_steps`` += 1.
+  clipping (``max_grad_norm``): see ``_clip_``.
+  owners step the inner optimizer, then ONE all-gather moves the new weights: rank r's slot holds its
+           owned parameters' bytes end to end in their own dtype (uint8 view: lossless), padded to
+           the largest slot. Every rank copies the others' parameters out of it, so the weights
+           are bit-identical on all ranks after every step.
+
+Because the gradients an owner sees are bit-identical to the replicated path's, and the inner
+optimizer's math is per tensor (``Fp8AdamW``), ZeRO-1/2 reproduce the replicated FP8 path bit for bit.
+
+Weights travel in ONE bucket (the whole model): the gather buffer holds N x (largest slot) bytes,
+about one extra copy of the weights, for a moment. Splitting it would need owner-balanced buckets
+(a whole-tensor bucket can be owned by a single rank, so slots padded to the max waste up to N x);
+not worth it at this project's model sizes. Gradients are bucketed by ``Fp8CommConfig.bucket_bytes``.
+
+Limitation: an inner optimizer that skips a step on its own (``Fp8AdamW`` does when a new m, v or
+weight is non-finite) decides locally; with finite gradients that needs |g| > ~1.8e19 (g**2
+overflows fp32), which clipping rules out. Such a step would be partial (other owners did step),
+though the weights stay identical across ranks (they are all-gathered).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from fp8train._validate import check_choice, check_type
+from fp8train.comm._layout import FlatLayout, plan_buckets
+from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
+from fp8train.comm.config import Fp8CommConfig
+from fp8train.comm.partition import Partition, partition_parameters
+from fp8train.comm.stats import CommStats
+
+__all__ = [
+    "FP8_ADAMW_STATE_BYTES_PER_ELEMENT",
+    "FP8_ADAMW_STATE_BYTES_PER_TENSOR",
+    "ZeroConfig",
+    "ZeroOptimizer",
+    "ZeroStepResult",
+    "predicted_state_nbytes",
+]
+
+_OWNER = "ZeroConfig"
+
+# Fp8AdamW with its default formats: m e4m3 (1 byte) + v fp16 (2) + master fp16 (2) per element,
+# and four 0-d fp32 tensors per parameter (step, and the log2 scales of m, v and the master).
+FP8_ADAMW_STATE_BYTES_PER_ELEMENT = 5
+FP8_ADAMW_STATE_BYTES_PER_TENSOR = 16
+
+# every parameter starts at a multiple of this many bytes in a weight slot, so that the uint8 buffer
+# can be viewed as any dtype at that offset
+_SLOT_ALIGN_BYTES = 16
+
+# torch.nn.utils.clip_grad_norm_'s guard against a zero norm; kept identical so that the clipped
+# gradients match torch's formula bit for bit
+_CLIP_EPS = 1e-6
+
+
+@dataclass(kw_only=True, slots=True)
+class ZeroConfig:
+    """stage:         1 (optimizer state sharded; gradients all-reduced, replicated) or 2 (also
+                      gradients: reduce-scattered to their owners, freed elsewhere).
+    comm:             how gradients travel in FP8 (``Fp8CommConfig``: format, bucket_bytes, ...).
+    max_grad_norm:    clip gradients so that their global L2 norm (over all parameters, in
+                      gradient units, accumulated in fp32) is at most this; None: no clipping.
+    """
+
+    stage: int = 2
+    comm: Fp8CommConfig = field(default_factory=Fp8CommConfig)
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        check_type(_OWNER, "stage", self.stage, int)
+        check_choice(_OWNER, "stage", self.stage, (1, 2))
+        if not isinstance(self.comm, Fp8CommConfig):
+            raise ValueError(f"{_OWNER}.comm={self.comm!r} has type {type(self.comm).__name__}; "
+                             "expected Fp8CommConfig")
+        if self.max_grad_norm is not None:
+            check_type(_OWNER, "max_grad_norm", self.max_grad_norm, (int, float))
+            if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+                raise ValueError(f"{_OWNER}.max_grad_norm={self.max_grad_norm!r} is out of range; "
+                                 "allowed: None or a finite number > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ZeroStepResult:
+    """skipped: the step was skipped for overflow (identically on every rank).
+    grad_norm: global L2 norm of the synchronised gradients before clipping (0-d fp32, identical on
+               every rank); None when not clipping or skipped.
+    comm: this rank's gradient communication statistics (merged over buckets)."""
+
+    skipped: bool
+    grad_norm: torch.Tensor | None
+    comm: CommStats
+
+
+def predicted_state_nbytes(numels: Sequence[int], partition: Partition, *,
+                           bytes_per_element: int = FP8_ADAMW_STATE_BYTES_PER_ELEMENT,
+                           bytes_per_tensor: int = FP8_ADAMW_STATE_BYTES_PER_TENSOR) -> list[int]:
+    """Optimizer state bytes on each rank once every owned parameter has taken a step: per owned
+    element ``bytes_per_element`` plus ``bytes_per_tensor`` per owned non-empty tensor (empty tensors
+    get no state). Defaults: ``Fp8AdamW`` with its default formats."""
+    out = [0] * partition.world_size
+    for n, r in zip(numels, partition.owner):
+        if n > 0:
+            out[r] += n * bytes_per_element + bytes_per_tensor
+    return out
+
+
+class ZeroOptimizer:
+    """Whole-tensor ZeRO-1/2 around any optimizer (see the module docstring).
+
+    named_params:      (name, parameter) pairs, e.g. ``model.named_parameters()`` (which lists a tied
+                       weight once); every parameter must receive a gradient on every rank each step.
+                       The order is the partition's order; all ranks must pass the same list.
+    optimizer_factory: builds the inner optimizer from this rank's owned parameters (ascending in the
+                       given order); called only on ranks that own at least one parameter.
+    group:             process group (None: the default group).
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                 optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], *,
+                 config: ZeroConfig, group: dist.ProcessGroup | None = None) -> None:
+        if not isinstance(config, ZeroConfig):
+            raise ValueError(f"ZeroOptimizer.config={config!r} has type {type(config).__name__}; expected ZeroConfig")
+        named = list(named_params)
+        if not named:
+            raise ValueError("ZeroOptimizer: named_params is empty")
+        seen: dict[int, str] = {}
+        for name, p in named:
+            if id(p) in seen:
+                raise ValueError(f"ZeroOptimizer: parameter {name!r} is the same tensor as {seen[id(p)]!r}; "
+                                 "pass each parameter once (model.named_parameters() dedups tied weights)")
+            seen[id(p)] = name
+            if p.device != named[0][1].device:
+                raise ValueError(f"ZeroOptimizer: parameter {name!r} is on {p.device}, {named[0][0]!r} on "
+                                 f"{named[0][1].device}; all parameters must share one device")
+        self.config = config
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.partition = partition_parameters([p.numel() for p in self.params], self.world_size)
+        self._owned = self.partition.owned_by(self.rank)
+        self.optimizer = optimizer_factory([self.params[i] for i in self._owned]) if self._owned else None
+        # stage 2: every owner's tensors contiguous, so that owner-aligned reduce-scatter bounds exist
+        self._by_owner = sorted(range(len(self.params)), key=lambda i: (self.partition.owner[i], i))
+        self._slot_offsets, self._slot_bytes = self._plan_weight_slots()
+        self._skipped_steps = 0
+        self._calls = 0
+        self.last_step_skipped = False
+        self.last_grad_norm: torch.Tensor | None = None
+
+    # ---- introspection ---------------------------------------------------------------------------
+
+    @property
+    def owned_parameter_names(self) -> list[str]:
+        return [self.names[i] for i in self._owned]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for overflow since construction (the same on every rank)."""
+        return self._skipped_steps
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state held on this rank (0 on a rank that owns nothing)."""
+        if self.optimizer is None:
+            return 0
+        if hasattr(self.optimizer, "state_nbytes"):
+            return int(self.optimizer.state_nbytes())
+        return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+    def predicted_state_nbytes(self, **kwargs: int) -> list[int]:
+        """Per-rank state bytes predicted from the partition (``predicted_state_nbytes``' keywords)."""
+        return predicted_state_nbytes([p.numel() for p in self.params], self.partition, **kwargs)
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self) -> ZeroStepResult:
+        """Synchronise gradients, skip on overflow, clip, step the owners, gather the weights."""
+        grads = []
+        for name, p in zip(self.names, self.params):
+            if p.grad is None:
+                raise RuntimeError(f"ZeroOptimizer.step: parameter {name!r} has no gradient; every parameter "
+                                   "must receive one on every rank (pass only trained parameters)")
+            grads.append(p.grad)
+        every = self.config.comm.stats_every
+        quant_stats = every > 0 and self._calls % every == 0
+        self._calls += 1
+        if self.config.stage == 1:
+            comm = fp8_all_reduce_(grads, config=self.config.comm, group=self.group, quant_stats=quant_stats)
+        else:
+            comm = self._reduce_scatter_(grads, quant_stats)
+        self.last_step_skipped = comm.found_inf
+        self.last_grad_norm = None
+        if comm.found_inf:  # agreed on every rank: all of them return here
+            self._skipped_steps += 1
+            return ZeroStepResult(skipped=True, grad_norm=None, comm=comm)
+        if self.config.max_grad_norm is not None:
+            self.last_grad_norm = self._clip_(self.config.max_grad_norm)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self._all_gather_weights()
+        return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm)
+
+    def _reduce_scatter_(self, grads: list[torch.Tensor], quant_stats: bool) -> CommStats:
+        """Stage 2: owners' ``.grad`` replaced by the mean (in the gradient's dtype), others freed."""
+        ordered = [grads[i] for i in self._by_owner]
+        total = CommStats()
+        for bucket in plan_buckets(ordered, self.config.comm.bucket_bytes):
+            tensors = [ordered[j] for j in bucket]
+            owners = [self.partition.owner[self._by_owner[j]] for j in bucket]
+            bounds = FlatLayout.of(tensors).owner_bounds(owners, self.world_size)
+            assert bounds is not None  # ordered by owner, so any consecutive run is too
+            chunk, stats = fp8_reduce_scatter(tensors, bounds, config=self.config.comm, group=self.group,
+                                              quant_stats=quant_stats, requantize=True)
+            total = total.merge(stats)
+            if stats.found_inf:  # the same verdict on every rank: all stop sending here
+                break
+            pos = 0
+            for g, owner in zip(tensors, owners):
+                if owner == self.rank:  # the chunk is this rank's tensors end to end, in bucket order
+                    # fp32 FP8 value times a power-of-two scale_inv: exact in the gradient's dtype
+                    g.copy_(chunk[pos:pos + g.numel()].view(g.shape))
+                    pos += g.numel()
+        for i, p in enumerate(self.params):
+            if self.partition.owner[i] != self.rank:
+                p.grad = None
+        return total
+
+    def _clip_(self, max_norm: float) -> torch.Tensor:
+        """Scale the owned gradients by min(1, max_norm / (norm + 1e-6)) (torch's clip_grad_norm_
+        formula); returns the global norm (0-d fp32, identical on every rank).
+
+        Numerics: each owner writes the fp32 sum of squares of each owned gradient into its entry of
+        a per-parameter vector (zeros elsewhere); ONE all_reduce(SUM) fills the vector, exactly (each
+        entry is x + 0 + ... + 0), and every rank sums it in parameter order. The norm is therefore
+        independent of the world size, the partition and the collective's reduction order, and
+        equal bit for bit to a single process summing the same per-parameter fp32 sums of squares.
+        A finite gradient whose squares overflow fp32 gives norm inf and a clip factor of 0, as in
+        torch."""
+        owned = [self.params[i].grad for i in self._owned]
+        device = self.params[0].device
+        sq = torch.zeros(len(self.params), dtype=torch.float32, device=device)
+        if owned:
+            sq[self._owned] = torch.stack([g.to(torch.float32).square().sum() for g in owned])
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
+        norm = sq.sum().sqrt()
+        coef = (max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
+        if owned:
+            torch._foreach_mul_(owned, coef)
+        return norm
+
+    # ---- weights ---------------------------------------------------------------------------------
+
+    def _plan_weight_slots(self) -> tuple[list[int], int]:
+        """Byte offset of each parameter inside its owner's slot, and the slot size (the largest
+        rank's owned bytes, each parameter aligned to _SLOT_ALIGN_BYTES)."""
+        offsets = [0] * len(self.params)
+        used = [0] * self.world_size
+        for i in self._by_owner:
+            r = self.partition.owner[i]
+            offsets[i] = used[r]
+            nbytes = self.params[i].numel() * self.params[i].element_size()
+            used[r] += -(-nbytes // _SLOT_ALIGN_BYTES) * _SLOT_ALIGN_BYTES
+        return offsets, max(used)
+
+    def _weight_view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.params[i]
+        start = self._slot_offsets[i]
+        return buf[start:start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+
+    def _all_gather_weights(self) -> None:
+        """Every rank gets the owners' new weights, byte for byte, in one all-gather."""
+        if self._slot_bytes == 0:
+            return
+        device = self.params[0].device
+        mine = torch.zeros(self._slot_bytes, dtype=torch.uint8, device=device)
+        for i in self._owned:
+            self._weight_view(mine, i).copy_(self.params[i])
+        gathered = torch.empty(self.world_size * self._slot_bytes, dtype=torch.uint8, device=device)
+        # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, mine, group=self.group)
+        for i, p in enumerate(self.params):
+            r = self.partition.owner[i]
+            if r != self.rank:
+                p.copy_(self._weight_view(gathered[r * self._slot_bytes:(r + 1) * self._slot_bytes], i))
