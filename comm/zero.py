@@ -204,7 +204,10 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def step(self) -> ZeroStepResult:
-        """Synchronise gradients, skip on overflow, clip, step the owners, gather the weights."""
+        """Synchronise gradients, skip on overflow, clip, step the owners, gather the weights.
+
+        Afterwards only the owned parameters' ``.grad`` are meaningful: stage 2 has freed the others
+        (also on a skipped step), and stage 1 clips only the owned ones (the others are not used)."""
         grads = []
         for name, p in zip(self.names, self.params):
             if p.grad is None:

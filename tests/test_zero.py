@@ -79,22 +79,24 @@ def _reference_clip_(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.
     return norm, torch_norm
 
 
-def _worker_train(rank, world_size, stage, steps, inf_step, max_grad_norm):
+def _count_collectives() -> dict[str, int]:
+    """Wrap this worker's dist.all_gather_single/all_gather_into_tensor and dist.all_reduce to count
+    calls (test-side only: the library looks them up at call time)."""
     calls = {"all_gather": 0, "all_reduce": 0}
     gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-    real_gather, real_all_reduce = getattr(dist, gather_name), dist.all_reduce
 
-    def counting_gather(*args, **kwargs):  # test-side wrappers: count the collectives per step
-        calls["all_gather"] += 1
-        return real_gather(*args, **kwargs)
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
 
-    def counting_all_reduce(*args, **kwargs):
-        calls["all_reduce"] += 1
-        return real_all_reduce(*args, **kwargs)
+    setattr(dist, gather_name, counted("all_gather", getattr(dist, gather_name)))
+    dist.all_reduce = counted("all_reduce", dist.all_reduce)
+    return calls
 
-    setattr(dist, gather_name, counting_gather)
-    dist.all_reduce = counting_all_reduce
 
+def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm):
     zero_model, ref_model = _model(), _model()
     zero = ZeroOptimizer(zero_model.named_parameters(), _adamw,
                          config=ZeroConfig(stage=stage, max_grad_norm=max_grad_norm))
@@ -131,11 +133,26 @@ def _worker_train(rank, world_size, stage, steps, inf_step, max_grad_norm):
     )
 
 
+def _worker_runs(rank, world_size, runs):
+    calls = _count_collectives()
+    return [_train(rank, world_size, calls, *run) for run in runs]
+
+
+# (stage, steps, inf_step, max_grad_norm) per world size. Starting the processes (~5 s) and the first
+# step (~3 s of kernel warm-up) dominate a run's time, so each world size starts its processes once
+# and trains every configuration in them, one after another, each from a fresh model.
+RUNS = {
+    2: [(1, 20, None, None), (2, 20, None, None), (1, 6, 2, None), (2, 6, 2, None),
+        (1, 8, None, MAX_NORM_THAT_CLIPS), (2, 8, None, MAX_NORM_THAT_CLIPS)],
+    4: [(1, 8, None, None), (2, 8, None, None), (2, 6, 2, None)],
+}
+
+
 @functools.cache
-def _train(stage: int, world_size: int, steps: int, inf_step: int | None = None,
-           max_grad_norm: float | None = None) -> tuple[dict, ...]:
-    """Each configuration runs once per session; several tests read the same run."""
-    return tuple(run_workers(_worker_train, world_size, stage, steps, inf_step, max_grad_norm, timeout_s=120))
+def _results(world_size: int) -> dict[tuple, tuple[dict, ...]]:
+    """{run: per-rank results}; each world size runs once per session, several tests read it."""
+    per_rank = run_workers(_worker_runs, world_size, RUNS[world_size], timeout_s=120)
+    return {run: tuple(res[k] for res in per_rank) for k, run in enumerate(RUNS[world_size])}
 
 
 def _assert_matches_replicated_and_identical_across_ranks(results: tuple[dict, ...]) -> None:
@@ -148,9 +165,9 @@ def _assert_matches_replicated_and_identical_across_ranks(results: tuple[dict, .
             assert torch.equal(a, b), f"parameter {i} differs across ranks"
 
 
-@pytest.mark.parametrize("stage, world_size, steps", [(1, 2, 20), (2, 2, 20), (2, 4, 8)])
-def test_zero_is_bit_exact_to_the_replicated_fp8_path(stage, world_size, steps):
-    results = _train(stage, world_size, steps)
+@pytest.mark.parametrize("world_size, stage, steps", [(2, 1, 20), (2, 2, 20), (4, 1, 8), (4, 2, 8)])
+def test_zero_is_bit_exact_to_the_replicated_fp8_path(world_size, stage, steps):
+    results = _results(world_size)[(stage, steps, None, None)]
     _assert_matches_replicated_and_identical_across_ranks(results)
     owned = [set(res["owned"]) for res in results]
     assert set().union(*owned) == {n for n, _ in _model().named_parameters()}
@@ -160,10 +177,10 @@ def test_zero_is_bit_exact_to_the_replicated_fp8_path(stage, world_size, steps):
         assert all(c == {"all_gather": 1, "all_reduce": 1} for c in res["calls_per_step"])
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_inf_on_one_rank_skips_the_step_on_every_rank(stage):
-    inf_step = 2
-    results = _train(stage, 2, 6, inf_step)
+@pytest.mark.parametrize("world_size, stage", [(2, 1), (2, 2), (4, 2)])
+def test_inf_on_one_rank_skips_the_step_on_every_rank(world_size, stage):
+    inf_step = 2  # the last rank's gradient gets one inf element at this step
+    results = _results(world_size)[(stage, 6, inf_step, None)]
     for res in results:
         assert res["skipped"] == 1 and res["ref_skipped"] == 1
         assert res["skipped_flags"] == [step == inf_step for step in range(6)]
@@ -171,9 +188,9 @@ def test_inf_on_one_rank_skips_the_step_on_every_rank(stage):
     _assert_matches_replicated_and_identical_across_ranks(results)
 
 
-@pytest.mark.parametrize("stage, world_size, steps", [(2, 2, 20), (2, 4, 8)])
-def test_state_bytes_match_the_partition_prediction(stage, world_size, steps):
-    results = _train(stage, world_size, steps)
+@pytest.mark.parametrize("world_size, stage, steps", [(2, 1, 20), (2, 2, 20), (4, 2, 8)])
+def test_state_bytes_match_the_partition_prediction(world_size, stage, steps):
+    results = _results(world_size)[(stage, steps, None, None)]
     predicted = results[0]["predicted"]
     assert [res["state_nbytes"] for res in results] == predicted
     # sharding moves state, it does not add any: the ranks together hold the replicated optimizer's
@@ -185,7 +202,7 @@ def test_state_bytes_match_the_partition_prediction(stage, world_size, steps):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_clipping_matches_the_replicated_path_bit_for_bit(stage):
-    results = _train(stage, 2, 8, None, MAX_NORM_THAT_CLIPS)
+    results = _results(2)[(stage, 8, None, MAX_NORM_THAT_CLIPS)]
     _assert_matches_replicated_and_identical_across_ranks(results)
     for res in results:
         assert len(res["norms"]) == 8
