@@ -44,6 +44,7 @@ def test_config_accepts_the_documented_values():
 # ---- distributed ---------------------------------------------------------------------------------
 
 MAX_NORM_THAT_CLIPS = 0.05  # the init GPT's gradient norm is ~1, so every step clips
+SMALL_BUCKET_BYTES = 64 * 2**10  # splits the GPT's 475 kB of fp32 gradients into several buckets
 
 
 def _model() -> GPT:
@@ -96,10 +97,11 @@ def _count_collectives() -> dict[str, int]:
     return calls
 
 
-def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm):
+def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm, bucket_bytes=64 * 2**20):
     zero_model, ref_model = _model(), _model()
     zero = ZeroOptimizer(zero_model.named_parameters(), _adamw,
-                         config=ZeroConfig(stage=stage, max_grad_norm=max_grad_norm))
+                         config=ZeroConfig(stage=stage, max_grad_norm=max_grad_norm,
+                                           comm=Fp8CommConfig(bucket_bytes=bucket_bytes)))
     ref = _adamw(list(ref_model.parameters()))
     norms, skipped_flags, calls_per_step = [], [], []
     for step in range(steps):
@@ -138,12 +140,12 @@ def _worker_runs(rank, world_size, runs):
     return [_train(rank, world_size, calls, *run) for run in runs]
 
 
-# (stage, steps, inf_step, max_grad_norm) per world size. Starting the processes (~5 s) and the first
+# (stage, steps, inf_step, max_grad_norm[, bucket_bytes]) per world size. Starting the processes (~5 s) and the first
 # step (~3 s of kernel warm-up) dominate a run's time, so each world size starts its processes once
 # and trains every configuration in them, one after another, each from a fresh model.
 RUNS = {
     2: [(1, 20, None, None), (2, 20, None, None), (1, 6, 2, None), (2, 6, 2, None),
-        (1, 8, None, MAX_NORM_THAT_CLIPS), (2, 8, None, MAX_NORM_THAT_CLIPS)],
+        (1, 8, None, MAX_NORM_THAT_CLIPS), (2, 8, None, MAX_NORM_THAT_CLIPS), (2, 6, 2, None, SMALL_BUCKET_BYTES)],
     4: [(1, 8, None, None), (2, 8, None, None), (2, 6, 2, None)],
 }
 
@@ -214,3 +216,18 @@ def test_clipping_matches_the_replicated_path_bit_for_bit(stage):
             torch.testing.assert_close(zero_norm, torch_norm, **hp_tol(torch.float32))
         # the norm: ONE all_reduce beside the amax sync
         assert all(c == {"all_gather": 1, "all_reduce": 2} for c in res["calls_per_step"])
+
+
+def test_stage2_with_several_gradient_buckets_matches_and_stops_at_the_inf_bucket():
+    inf_step = 2
+    results = _results(2)[(2, 6, inf_step, None, SMALL_BUCKET_BYTES)]
+    _assert_matches_replicated_and_identical_across_ranks(results)
+    for res in results:
+        amax_syncs = [c["all_reduce"] for c in res["calls_per_step"]]
+        n_buckets = amax_syncs[0]
+        assert n_buckets >= 3, "the bucket size must split the gradients"
+        assert amax_syncs[:inf_step] + amax_syncs[inf_step + 1:] == [n_buckets] * 5
+        # the inf lies in one bucket: every rank stops after that bucket's amax sync, the same one
+        assert 1 <= amax_syncs[inf_step] <= n_buckets and res["skipped"] == 1
+        assert [c["all_gather"] for c in res["calls_per_step"]] == [1, 1, 0, 1, 1, 1]
+    assert len({res["calls_per_step"][inf_step]["all_reduce"] for res in results}) == 1
