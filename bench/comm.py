@@ -70,7 +70,7 @@ def _bf16_all_reduce(grads: list[torch.Tensor], world: int) -> None:
 def _fp8_phases(grads: list[torch.Tensor], config: Fp8CommConfig) -> dict[str, float]:
     """The steps of fp8_all_reduce_ for one bucket holding all of ``grads``, each timed after a barrier."""
     fmt, layout = config.fp8_format, FlatLayout.of(grads)
-    coll = Collectives(None, CommStats(), config.exchange)
+    coll = Collectives(None, CommStats(), config.exchange, config.p2p_piece_bytes)
     t: dict[str, float] = {}
     start = time.perf_counter()
     log2_scale, _ = _sync_log2_scales(grads, fmt, config.margin, coll)

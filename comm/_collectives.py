@@ -17,8 +17,8 @@ from fp8train.comm.stats import CommStats
 
 __all__ = ["Collectives"]
 
-# p2p messages go out in pieces of at most this many bytes, all posted at once (distinct tags), each
-# send next to the matching receive. Measured on a 1 Gbit/s link with 32 MB each way: one message
+# Default size of p2p pieces (Fp8CommConfig.p2p_piece_bytes): all posted at once (distinct tags),
+# each send next to the matching receive. Measured on a 1 Gbit/s link with 32 MB each way: one message
 # per direction took 0.28 s or 0.56 s from call to call; all sends posted before all receives, the
 # same; pieces interleaved send/receive: 0.29-0.32 s every time (line rate).
 P2P_PIECE_BYTES = 4 * 2**20
@@ -29,7 +29,8 @@ class Collectives:
     exchange: "collective" | "p2p" | "auto" (p2p on gloo, where its collectives run at about half the
     link rate; collective elsewhere)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats, exchange: str = "auto") -> None:
+    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats, exchange: str = "auto",
+                 piece_bytes: int = P2P_PIECE_BYTES) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -37,6 +38,7 @@ class Collectives:
         if exchange == "auto":
             exchange = "p2p" if dist.get_backend(group) == dist.Backend.GLOO else "collective"
         self.p2p = exchange == "p2p"
+        self.piece_bytes = piece_bytes
 
     def all_reduce_max_(self, x: torch.Tensor) -> None:
         """In-place elementwise MAX over ranks (the amax sync)."""
@@ -69,8 +71,29 @@ class Collectives:
         others = (self.world_size - 1) * in_u8.nbytes
         self._count(others, others)
 
+    def peers(self) -> list[int]:
+        """The other ranks, starting after this one (r+1, r+2, ... cyclically): every rank talks to a
+        different peer first."""
+        return [(self.rank + k) % self.world_size for k in range(1, self.world_size)]
+
     def _peers(self) -> list[int]:
-        return [r for r in range(self.world_size) if r != self.rank]
+        return self.peers()
+
+    def _global(self, r: int) -> int:
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def post_send(self, t: torch.Tensor, dst: int, tag: int) -> dist.Work:
+        """Asynchronous send of a uint8 piece (for pipelined exchanges); bytes are counted, the
+        exchange it belongs to is counted once with ``count_exchange``."""
+        self.stats.bytes_sent += t.nbytes
+        return dist.isend(t, self._global(dst), group=self.group, tag=tag)
+
+    def post_recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
+        self.stats.bytes_received += t.nbytes
+        return dist.irecv(t, self._global(src), group=self.group, tag=tag)
+
+    def count_exchange(self) -> None:
+        self.stats.collectives += 1
 
     def _exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
         """All sends and receives posted at once (full duplex to every peer), in pieces, then awaited."""
@@ -79,7 +102,7 @@ class Collectives:
 
         def pieces(op: object, r: int, t: torch.Tensor) -> list[dist.P2POp]:
             return [dist.P2POp(op, piece, peer(r), self.group, tag)
-                    for tag, piece in enumerate(t.split(P2P_PIECE_BYTES)) if piece.numel()]
+                    for tag, piece in enumerate(t.split(self.piece_bytes)) if piece.numel()]
 
         ops = []
         for (dst, t_send), (src, t_recv) in zip(sends, recvs):  # send piece i, receive piece i, ...

@@ -39,6 +39,7 @@ from fp8train._decode_cpu import decode_fp8_into, mean_of_fp8_rows
 from fp8train.cast import cast_to_fp8, quantization_stats
 from fp8train.comm._collectives import Collectives
 from fp8train.comm._layout import FlatLayout, plan_buckets, uniform_bounds
+from fp8train.comm._pipeline import pipelined_all_reduce_
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.stats import CommStats
 from fp8train.formats import Fp8Format
@@ -102,10 +103,13 @@ def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, gro
                        quant_stats: bool) -> CommStats:
     fmt, layout = config.fp8_format, FlatLayout.of(grads)
     stats = CommStats(elements=layout.numel)
-    coll = Collectives(group, stats, config.exchange)
+    coll = Collectives(group, stats, config.exchange, config.p2p_piece_bytes)
     log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
     stats.log2_scales = log2_scale.cpu()
     if stats.found_inf:
+        return stats
+    if coll.p2p:
+        pipelined_all_reduce_(grads, layout, log2_scale, fmt, coll, stats, quant_stats)
         return stats
     bounds = uniform_bounds(layout.numel, coll.world_size)
     flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, stats if quant_stats else None)
@@ -159,7 +163,7 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
     _check_grads(grads)
     fmt, layout = config.fp8_format, FlatLayout.of(grads)
     stats = CommStats(elements=layout.numel)
-    coll = Collectives(group, stats, config.exchange)
+    coll = Collectives(group, stats, config.exchange, config.p2p_piece_bytes)
     if len(bounds) != coll.world_size + 1 or bounds[0] != 0 or bounds[-1] != layout.numel \
             or any(b > c for b, c in zip(bounds, bounds[1:])):
         raise ValueError(f"fp8_reduce_scatter: bounds must be {coll.world_size + 1} non-decreasing offsets "

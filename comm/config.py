@@ -28,6 +28,8 @@ class Fp8CommConfig:
                      p2p on gloo, collective elsewhere). Measured on a 1 Gbit/s link between two
                      hosts: gloo's all_to_all_single moves 59 MB/s and its all-gather 74 MB/s, an
                      isend/irecv pair 119 MB/s (line rate); NCCL implements both as grouped p2p.
+    p2p_piece_bytes: p2p messages go in pieces of this many bytes, all in flight at once, so that
+                     compute on one piece overlaps the wire of the next (see comm/_pipeline.py).
     """
 
     format: str = "e4m3"
@@ -35,6 +37,7 @@ class Fp8CommConfig:
     bucket_bytes: int = 64 * 2**20
     stats_every: int = 0
     exchange: str = "auto"
+    p2p_piece_bytes: int = 4 * 2**20
 
     def __post_init__(self) -> None:
         check_choice(_OWNER, "format", self.format, tuple(FP8_FORMATS))
@@ -42,6 +45,7 @@ class Fp8CommConfig:
         check_int_range(_OWNER, "bucket_bytes", self.bucket_bytes, 1)
         check_int_range(_OWNER, "stats_every", self.stats_every, 0)
         check_choice(_OWNER, "exchange", self.exchange, ("auto", "collective", "p2p"))
+        check_int_range(_OWNER, "p2p_piece_bytes", self.p2p_piece_bytes, 1)
 
     @property
     def fp8_format(self) -> Fp8Format:
