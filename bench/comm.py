@@ -17,7 +17,8 @@ Each rank holds a gradient list of 8 fp32 tensors (the given total number of ele
 Wall time: median of --repeat calls after 2 warm-ups, all ranks starting together (barrier); the
 methods take turns round by round. Wire bytes: sent per rank as a ring moves them (fp32/bf16:
 2(N-1)/N per element times the element size; fp8: counted by fp8train.comm). Rank 0 prints the
-table, then where the FP8 time goes (phases timed separately, barrier before each).
+table, then what each FP8 phase costs run alone (barrier before each, unpipelined: the p2p path
+overlaps quantize / decode-sum / decode with the wire, so its total is below the sum).
 """
 
 from __future__ import annotations
