@@ -4,6 +4,7 @@ top-level ``comm`` (that name belongs to Jupyter)."""
 
 from fp8train.comm._layout import FlatLayout, plan_buckets, uniform_bounds
 from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
+from fp8train.comm.checkpoint import MANIFEST_NAME, load_zero_checkpoint, read_zero_manifest, save_zero_checkpoint
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.ddp_hook import Fp8CommHookState, fp8_comm_hook, register_fp8_comm_hook
 from fp8train.comm.partition import Partition, partition_parameters
@@ -28,6 +29,10 @@ __all__ = [
     "ZeroOptimizer",
     "ZeroStepResult",
     "predicted_state_nbytes",
+    "save_zero_checkpoint",
+    "load_zero_checkpoint",
+    "read_zero_manifest",
+    "MANIFEST_NAME",
     # layout helpers
     "FlatLayout",
     "plan_buckets",

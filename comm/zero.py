@@ -36,12 +36,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from fp8train._validate import check_choice, check_type
 from fp8train.comm._layout import FlatLayout, plan_buckets
+from fp8train.comm._named_state import load_named_state, named_state, optimizer_formats
 from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.partition import Partition, partition_parameters
@@ -190,6 +192,37 @@ class ZeroOptimizer:
     def predicted_state_nbytes(self, **kwargs: int) -> list[int]:
         """Per-rank state bytes predicted from the partition (``predicted_state_nbytes``' keywords)."""
         return predicted_state_nbytes([p.numel() for p in self.params], self.partition, **kwargs)
+
+    # ---- checkpoints (by parameter name; files: fp8train.comm.checkpoint) -------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's share, keyed by parameter NAME (rank-order free, see comm/_named_state.py):
+        {"param_state": {name: {"state": inner state tensors as held, "group": hyperparameters}}
+         for every owned parameter (state {} before its first step), "extra": the inner
+         state_dict's other keys, "formats": {"optimizer": class, "state_formats": ...},
+         "skipped_steps", "step_calls", "world_size"}. Tensors alias the live state."""
+        param_state: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        if self.optimizer is not None:
+            param_state, extra = named_state(self.optimizer, {id(p): n for n, p in zip(self.names, self.params)})
+        return {"param_state": param_state, "extra": extra, "formats": optimizer_formats(self.optimizer),
+                "skipped_steps": self._skipped_steps, "step_calls": self._calls, "world_size": self.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the entries this rank owns NOW from ``state_dict["param_state"]``, which may hold any
+        set of names (one rank's ``state_dict()`` or several merged, saved at any world size).
+        ValueError names an owned parameter that has no entry, or a format mismatch."""
+        where = "ZeroOptimizer.load_state_dict"
+        saved, mine = state_dict.get("formats", {}), optimizer_formats(self.optimizer)
+        if self.optimizer is not None and saved.get("optimizer") is not None:
+            for key in ("optimizer", "state_formats"):
+                if saved.get(key) != mine[key]:
+                    raise ValueError(f"{where}: saved {key} {saved.get(key)!r} differs from this rank's {mine[key]!r}")
+        if self.optimizer is not None:
+            load_named_state(self.optimizer, {id(p): n for n, p in zip(self.names, self.params)},
+                             state_dict["param_state"], state_dict.get("extra", {}), where)
+        self._skipped_steps = int(state_dict["skipped_steps"])
+        self._calls = int(state_dict["step_calls"])
 
     # ---- the step --------------------------------------------------------------------------------
 

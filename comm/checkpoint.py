@@ -1,0 +1,189 @@
+"""ZeRO checkpoints on disk, keyed by parameter NAME, so that a run saved on N ranks resumes on any M
+(DESIGN §6).
+
+Layout of a checkpoint directory:
+    optim-rank{r}-of-{N}.pt  rank r's ``ZeroOptimizer.state_dict()``: the optimizer state of the
+                             parameters it owns under the N-rank partition, by name, each tensor
+                             in the dtype the inner optimizer holds it (e4m3 m, fp16 v, ...);
+    model.pt                 ``model.state_dict()`` (identical on every rank after a ZeRO step, so
+                             rank 0 writes it);
+    manifest.json            written LAST by rank 0, once every rank has reported its files
+                             written: world size, step() calls, skipped steps, the inner optimizer
+                             and its state formats, and which file holds each parameter's state.
+A directory without manifest.json is an incomplete checkpoint; loading it raises. Every file goes
+to a temporary name in the same directory, is fsync'ed and then ``os.replace``d onto its final
+name (atomic on POSIX), so a crash never leaves a half-written file under a final name. Saving
+first deletes an old manifest, so a crash while overwriting a checkpoint leaves an incomplete one,
+never a manifest that points into a mix of two saves.
+
+Loading on M ranks: every rank reads the manifest, computes its owned parameters under the NEW
+partition, and reads only the files that hold them (M < N: a few files each; M > N: ranks share a
+file). Whole tensors never need resharding, only re-routing by name.
+
+Files are ``torch.save`` archives, read back with ``torch.load(weights_only=True)`` (no arbitrary
+code on load). Not safetensors: the state is a nested dict with non-tensor values (hyperparameters,
+betas tuples, format names, counters) that safetensors would need flattened into string metadata,
+and torch.save keeps every dtype, FP8 included, with no extra dependency.
+
+Why not ``torch.distributed.checkpoint`` (DCP): DCP reshards tensors described as DTensor /
+ShardedTensor shards and loads *in place* into a state dict whose tensors must already exist with
+the right shape and dtype. Here each tensor is whole on one owner, so nothing needs resharding,
+and the inner optimizer creates its state lazily at its first step (a fresh optimizer has nothing
+to load into); DCP would need that state pre-created, with its formats, on every load. Our files
+are plain torch archives plus a JSON manifest one can read with ``cat``; DCP's metadata format is
+its own and has changed between torch releases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fp8train.comm.zero import ZeroOptimizer
+
+__all__ = ["MANIFEST_NAME", "load_zero_checkpoint", "read_zero_manifest", "save_zero_checkpoint"]
+
+MANIFEST_NAME = "manifest.json"
+_MODEL_FILE = "model.pt"
+_FORMAT = "fp8train.zero_checkpoint"
+_VERSION = 1
+
+
+def _optim_file(rank: int, world_size: int) -> str:
+    return f"optim-rank{rank}-of-{world_size}.pt"
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` to a temporary file beside ``path``, fsync, then rename onto ``path``; on any
+    error the temporary file is removed and ``path`` is left as it was."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _collectively(zero_opt: ZeroOptimizer, what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank and agree on the outcome (one all_reduce): if it failed anywhere, it
+    raises everywhere (the failing rank its own error), so no rank goes on to wait for another in a
+    later collective or resumes alone."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # re-raised below, after the other ranks have heard of it
+        error = e
+    failed = torch.zeros(zero_opt.world_size, dtype=torch.int32, device=zero_opt.params[0].device)
+    failed[zero_opt.rank] = error is not None
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=zero_opt.group)
+    if error is not None:
+        raise error
+    if failed.any():
+        ranks = [r for r in range(zero_opt.world_size) if failed[r]]
+        raise RuntimeError(f"{what} failed on rank(s) {ranks}; see their errors")
+    return result
+
+
+def save_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Collective: every rank of ``zero_opt.group`` calls it after the same step. Writes the layout
+    in the module docstring into ``directory`` (created if needed) and returns its path."""
+    path = Path(directory)
+    rank, world_size = zero_opt.rank, zero_opt.world_size
+
+    def start() -> None:
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / MANIFEST_NAME).unlink(missing_ok=True)
+
+    def write_shard() -> None:
+        _atomic_torch_save(zero_opt.state_dict(), path / _optim_file(rank, world_size))
+        if rank == 0:
+            _atomic_torch_save(model.state_dict(), path / _MODEL_FILE)
+
+    _collectively(zero_opt, "save_zero_checkpoint (start)", start)
+    _collectively(zero_opt, "save_zero_checkpoint (writing state)", write_shard)
+
+    def write_manifest() -> None:
+        if rank != 0:
+            return
+        sd = zero_opt.state_dict()
+        manifest = {
+            "format": _FORMAT, "version": _VERSION, "world_size": world_size,
+            "step_calls": sd["step_calls"], "skipped_steps": sd["skipped_steps"],
+            "optimizer": sd["formats"]["optimizer"], "state_formats": sd["formats"]["state_formats"],
+            "file_format": "torch.save; torch.load(weights_only=True)", "model_file": _MODEL_FILE,
+            "param_files": {name: _optim_file(owner, world_size)
+                            for name, owner in zip(zero_opt.names, zero_opt.partition.owner)},
+        }
+        _atomic_write(path / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+    _collectively(zero_opt, "save_zero_checkpoint (manifest)", write_manifest)
+    return path
+
+
+def read_zero_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; FileNotFoundError (one line) for an incomplete one."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(directory)} is not a complete ZeRO checkpoint: {MANIFEST_NAME} is missing "
+                                "(the save did not finish, or this is not a checkpoint directory)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                         f"expected {_FORMAT!r} version {_VERSION}")
+    return manifest
+
+
+def load_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module,
+                         directory: str | os.PathLike) -> dict[str, Any]:
+    """Collective: every rank of ``zero_opt.group`` calls it. Loads the model weights and the
+    optimizer state of the parameters this rank owns under ITS partition, whatever the world size
+    at save time. Returns the manifest. Raises on every rank if it fails on any."""
+    path = Path(directory)
+    device = zero_opt.params[0].device
+
+    def load() -> dict[str, Any]:
+        manifest = read_zero_manifest(path)
+        files: list[str] = []
+        for name in zero_opt.owned_parameter_names:
+            if name not in manifest["param_files"]:
+                raise ValueError(f"load_zero_checkpoint: {path} holds no optimizer state for parameter {name!r}")
+            if manifest["param_files"][name] not in files:
+                files.append(manifest["param_files"][name])
+        param_state: dict[str, Any] = {}
+        first: dict[str, Any] | None = None
+        for file in sorted(files):
+            shard = torch.load(path / file, map_location=device, weights_only=True)
+            param_state.update(shard["param_state"])
+            first = first or shard
+        model.load_state_dict(torch.load(path / manifest["model_file"], map_location=device, weights_only=True))
+        zero_opt.load_state_dict({
+            "param_state": param_state,
+            # rank-local extras (Fp8AdamW: formats, own skip count) from the lowest saved rank read
+            "extra": first["extra"] if first else {},
+            "formats": {"optimizer": manifest["optimizer"], "state_formats": manifest["state_formats"]},
+            "skipped_steps": manifest["skipped_steps"], "step_calls": manifest["step_calls"],
+        })
+        return manifest
+
+    return _collectively(zero_opt, "load_zero_checkpoint", load)
