@@ -158,7 +158,10 @@ def load_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module,
                          directory: str | os.PathLike) -> dict[str, Any]:
     """Collective: every rank of ``zero_opt.group`` calls it. Loads the model weights and the
     optimizer state of the parameters this rank owns under ITS partition, whatever the world size
-    at save time. Returns the manifest. Raises on every rank if it fails on any."""
+    at save time. Returns the manifest. Raises on every rank if it fails on any; a missing name, a
+    missing file or another optimizer or format is found before anything is loaded, while a model
+    that does not match the weights (strict ``load_state_dict``) raises after the optimizer state
+    was loaded: rebuild both before retrying."""
     path = Path(directory)
     device = zero_opt.params[0].device
 
@@ -176,7 +179,8 @@ def load_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module,
             shard = torch.load(path / file, map_location=device, weights_only=True)
             param_state.update(shard["param_state"])
             first = first or shard
-        model.load_state_dict(torch.load(path / manifest["model_file"], map_location=device, weights_only=True))
+        weights = torch.load(path / manifest["model_file"], map_location=device, weights_only=True)
+        # the optimizer first: it checks the formats and every owned name before changing anything
         zero_opt.load_state_dict({
             "param_state": param_state,
             # rank-local extras (Fp8AdamW: formats, own skip count) from the lowest saved rank read
@@ -184,6 +188,7 @@ def load_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module,
             "formats": {"optimizer": manifest["optimizer"], "state_formats": manifest["state_formats"]},
             "skipped_steps": manifest["skipped_steps"], "step_calls": manifest["step_calls"],
         })
+        model.load_state_dict(weights)
         return manifest
 
     return _collectively(zero_opt, "load_zero_checkpoint", load)
