@@ -31,3 +31,4 @@ bench: $(STAMP)
 	$(PY) bench/linear.py
 	$(PY) bench/optim.py
 	$(VENV)/bin/torchrun --nproc-per-node=2 bench/comm.py
+	$(PY) bench/memory.py --no-deepspeed
