@@ -29,13 +29,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _spawn import spawn  # noqa: E402
+from fp8train._gloo_spawn import run_on_gloo
 
 MODEL = dict(vocab_size=256, block_size=64, n_layer=8, n_head=8, n_embd=512)
 
@@ -69,7 +67,6 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, world_size: int, method: str) -> tuple[int, int]:
     """(model-state bytes on this rank, parameters)."""
-    torch.set_num_threads(1)
     gc.collect()
     before = _live_tensor_bytes()
     if method.startswith("deepspeed"):
@@ -146,7 +143,7 @@ def main() -> None:
     base = None
     for name, n in runs:
         method = name.split(" (")[0] if "ours" in name else ("deepspeed-" + name[-6]) if "DeepSpeed" in name else name
-        results = spawn(_worker, n, method)
+        results = run_on_gloo(_worker, n, method, timeout_s=900, collective_timeout_s=600)
         per_param = max(b for b, _ in results) / results[0][1]
         base = base or per_param
         print(f"{name:<24} | {n:>2} | {per_param:22.2f} | {per_param / base:12.2f}x", flush=True)
