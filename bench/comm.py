@@ -35,9 +35,9 @@ import torch.distributed as dist
 from fp8train.comm import Fp8CommConfig, fp8_all_reduce_
 from fp8train.comm._collectives import Collectives
 from fp8train.comm._layout import FlatLayout, uniform_bounds
+from fp8train.comm._codec import BucketCodec
 from fp8train.comm.allreduce import _quantize_flat, _reduce_chunk, _sync_log2_scales
 from fp8train.comm.stats import CommStats
-from fp8train._decode_cpu import decode_fp8_into
 from fp8train.cast import cast_to_fp8
 
 N_TENSORS = 8
@@ -77,10 +77,11 @@ def _fp8_phases(grads: list[torch.Tensor], config: Fp8CommConfig) -> dict[str, f
     log2_scale, _ = _sync_log2_scales(grads, fmt, config.margin, coll)
     t["amax + sync"] = time.perf_counter() - start
     flat = None
+    codec = BucketCodec(grads, layout, log2_scale, fmt)
 
     def quantize() -> None:
         nonlocal flat
-        flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, None)
+        flat = _quantize_flat(codec, CommStats(), False)
 
     t["quantize"] = _timed(quantize)
     bounds = uniform_bounds(layout.numel, coll.world_size)
@@ -98,8 +99,7 @@ def _fp8_phases(grads: list[torch.Tensor], config: Fp8CommConfig) -> dict[str, f
     t["all-gather"] = _timed(lambda: coll.all_gather_(gathered, mine))
 
     def decode() -> None:
-        for g, off, n, s_inv in zip(grads, layout.offsets, layout.numels, torch.exp2(-log2_scale).unbind(0)):
-            decode_fp8_into(gathered[off:off + n], fmt, s_inv, g.view(-1))
+        codec.decode(0, gathered[:layout.numel])
 
     t["decode into grads"] = _timed(decode)
     return t

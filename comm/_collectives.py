@@ -53,7 +53,7 @@ class Collectives:
         if self.p2p:
             ins, outs = in_u8.split(in_splits), out_u8.split(out_splits)
             outs[self.rank].copy_(ins[self.rank])
-            self._exchange([(r, ins[r]) for r in self._peers()], [(r, outs[r]) for r in self._peers()])
+            self._exchange([(r, ins[r]) for r in self.peers()], [(r, outs[r]) for r in self.peers()])
         else:
             dist.all_to_all_single(out_u8, in_u8, out_splits, in_splits, group=self.group)
         self._count(sum(in_splits) - in_splits[self.rank], sum(out_splits) - out_splits[self.rank])
@@ -63,7 +63,7 @@ class Collectives:
         if self.p2p:
             outs = out_u8.split(in_u8.numel())
             outs[self.rank].copy_(in_u8)
-            self._exchange([(r, in_u8) for r in self._peers()], [(r, outs[r]) for r in self._peers()])
+            self._exchange([(r, in_u8) for r in self.peers()], [(r, outs[r]) for r in self.peers()])
         else:
             # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -75,9 +75,6 @@ class Collectives:
         """The other ranks, starting after this one (r+1, r+2, ... cyclically): every rank talks to a
         different peer first."""
         return [(self.rank + k) % self.world_size for k in range(1, self.world_size)]
-
-    def _peers(self) -> list[int]:
-        return self.peers()
 
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -97,11 +94,8 @@ class Collectives:
 
     def _exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
         """All sends and receives posted at once (full duplex to every peer), in pieces, then awaited."""
-        def peer(r: int) -> int:
-            return r if self.group is None else dist.get_global_rank(self.group, r)
-
         def pieces(op: object, r: int, t: torch.Tensor) -> list[dist.P2POp]:
-            return [dist.P2POp(op, piece, peer(r), self.group, tag)
+            return [dist.P2POp(op, piece, self._global(r), self.group, tag)
                     for tag, piece in enumerate(t.split(self.piece_bytes)) if piece.numel()]
 
         ops = []

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from fp8train._decode_cpu import decode_fp8_into, mean_of_fp8_rows
-from fp8train.cast import cast_to_fp8, quantization_stats
+from fp8train._decode_cpu import mean_of_fp8_rows
+from fp8train.cast import cast_to_fp8
+from fp8train.comm._codec import BucketCodec
 from fp8train.comm._collectives import Collectives
 from fp8train.comm._layout import FlatLayout, uniform_bounds
 from fp8train.comm.stats import CommStats
@@ -37,49 +38,12 @@ def _pieces(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, stop)) for a in range(start, stop, size)]
 
 
-class _Bucket:
-    """The bucket's tensors as flat views, and range-wise quantize / decode over them."""
-
-    def __init__(self, grads: Sequence[torch.Tensor], layout: FlatLayout, log2_scale: torch.Tensor,
-                 fmt: Fp8Format) -> None:
-        self.grads, self.layout, self.fmt = grads, layout, fmt
-        self.flat_in = [g.reshape(-1) for g in grads]  # views where contiguous
-        self.flat_out = [g.view(-1) if g.is_contiguous() else torch.empty(g.numel(), dtype=g.dtype, device=g.device)
-                         for g in grads]
-        self.scale = list(torch.exp2(log2_scale).unbind(0))
-        self.scale_inv = list(torch.exp2(-log2_scale).unbind(0))
-        self.saturated = self.underflowed = 0
-
-    def quantize(self, start: int, stop: int, out_u8: torch.Tensor, count: bool) -> None:
-        """FP8 codes of flat elements [start, stop) into out_u8 (stop - start bytes)."""
-        for i, lo, hi in self.layout.segments(start, stop):
-            off = self.layout.offsets[i]
-            x = self.flat_in[i][lo - off:hi - off]
-            q = cast_to_fp8(x, self.scale[i], self.fmt, out=out_u8[lo - start:hi - start].view(self.fmt.dtype))
-            if count:
-                counts = quantization_stats(x, self.scale[i], q, self.fmt)
-                self.saturated += int(counts.saturated)
-                self.underflowed += int(counts.underflowed)
-
-    def decode(self, start: int, codes_u8: torch.Tensor) -> None:
-        """Write the mean whose FP8 codes for flat elements [start, start + len) are ``codes_u8``."""
-        for i, lo, hi in self.layout.segments(start, start + codes_u8.numel()):
-            off = self.layout.offsets[i]
-            decode_fp8_into(codes_u8[lo - start:hi - start], self.fmt, self.scale_inv[i],
-                            self.flat_out[i][lo - off:hi - off])
-
-    def finish(self) -> None:
-        for g, out in zip(self.grads, self.flat_out):
-            if not g.is_contiguous():
-                g.copy_(out.view(g.shape))
-
-
 def pipelined_all_reduce_(grads: Sequence[torch.Tensor], layout: FlatLayout, log2_scale: torch.Tensor,
                           fmt: Fp8Format, coll: Collectives, stats: CommStats, quant_stats: bool) -> None:
     """Steps 4-6 of the FP8 all-reduce for one bucket whose scales are agreed (``log2_scale``)."""
     device, me, world = grads[0].device, coll.rank, coll.world_size
     bounds = uniform_bounds(layout.numel, world)
-    bucket = _Bucket(grads, layout, log2_scale, fmt)
+    bucket = BucketCodec(grads, layout, log2_scale, fmt)
     lo, hi = bounds[me], bounds[me + 1]
     my_pieces = _pieces(lo, hi, coll.piece_bytes)
     # rows[p]: (world, piece length) codes of my piece p, one row per rank (own row filled locally)

@@ -35,8 +35,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from fp8train._decode_cpu import decode_fp8_into, mean_of_fp8_rows
-from fp8train.cast import cast_to_fp8, quantization_stats
+from fp8train._decode_cpu import mean_of_fp8_rows
+from fp8train.cast import cast_to_fp8
+from fp8train.comm._codec import BucketCodec
 from fp8train.comm._collectives import Collectives
 from fp8train.comm._layout import FlatLayout, plan_buckets, uniform_bounds
 from fp8train.comm._pipeline import pipelined_all_reduce_
@@ -72,20 +73,12 @@ def _sync_log2_scales(grads: Sequence[torch.Tensor], fmt: Fp8Format, margin: int
     return amax_to_log2_scale(amax, fmt, margin=margin), found_inf
 
 
-def _quantize_flat(grads: Sequence[torch.Tensor], layout: FlatLayout, scale: torch.Tensor, fmt: Fp8Format,
-                   stats: CommStats | None) -> torch.Tensor:
-    """Step 4: the bucket as one flat FP8 tensor; counts saturation/underflow into ``stats`` if given."""
-    flat = torch.empty(layout.numel, dtype=fmt.dtype, device=grads[0].device)
-    saturated = underflowed = 0
-    for g, off, n, s in zip(grads, layout.offsets, layout.numels, scale.unbind(0)):
-        g_flat = g.reshape(-1)
-        q = cast_to_fp8(g_flat, s, fmt, out=flat[off:off + n])
-        if stats is not None:
-            counts = quantization_stats(g_flat, s, q, fmt)
-            saturated += int(counts.saturated)
-            underflowed += int(counts.underflowed)
-    if stats is not None:
-        stats.saturated, stats.underflowed = saturated, underflowed
+def _quantize_flat(codec: BucketCodec, stats: CommStats, quant_stats: bool) -> torch.Tensor:
+    """Step 4: the bucket as one flat FP8 payload (uint8); sampled counts go into ``stats``."""
+    flat = torch.empty(codec.layout.numel, dtype=torch.uint8, device=codec.grads[0].device)
+    codec.quantize(0, codec.layout.numel, flat, quant_stats)
+    if quant_stats:
+        stats.saturated, stats.underflowed = codec.saturated, codec.underflowed
     return flat
 
 
@@ -95,7 +88,7 @@ def _reduce_chunk(flat: torch.Tensor, bounds: Sequence[int], fmt: Fp8Format, col
     sizes = [bounds[r + 1] - bounds[r] for r in range(coll.world_size)]
     mine = sizes[coll.rank]
     recv = torch.empty(coll.world_size * mine, dtype=torch.uint8, device=flat.device)
-    coll.all_to_all_(recv, flat.view(torch.uint8), [mine] * coll.world_size, sizes)
+    coll.all_to_all_(recv, flat, [mine] * coll.world_size, sizes)
     return mean_of_fp8_rows(recv.view(coll.world_size, mine), fmt)  # rank order 0..N-1: deterministic
 
 
@@ -112,7 +105,8 @@ def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, gro
         pipelined_all_reduce_(grads, layout, log2_scale, fmt, coll, stats, quant_stats)
         return stats
     bounds = uniform_bounds(layout.numel, coll.world_size)
-    flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, stats if quant_stats else None)
+    codec = BucketCodec(grads, layout, log2_scale, fmt)
+    flat = _quantize_flat(codec, stats, quant_stats)
     mean_scaled = _reduce_chunk(flat, bounds, fmt, coll)
     chunk = bounds[1]  # every rank's slot in the gather; the last ranks' chunks are padded
     mine = torch.zeros(chunk, dtype=torch.uint8, device=flat.device)
@@ -120,13 +114,8 @@ def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, gro
     cast_to_fp8(mean_scaled, one, fmt, out=mine[:mean_scaled.numel()].view(fmt.dtype))
     gathered = torch.empty(coll.world_size * chunk, dtype=torch.uint8, device=flat.device)
     coll.all_gather_(gathered, mine)
-    for g, off, n, s_inv in zip(grads, layout.offsets, layout.numels, torch.exp2(-log2_scale).unbind(0)):
-        if g.is_contiguous():  # decoded straight into the gradient (scale_inv: a power of two, exact)
-            decode_fp8_into(gathered[off:off + n], fmt, s_inv, g.view(-1))
-        else:
-            tmp = torch.empty(n, dtype=g.dtype, device=g.device)
-            decode_fp8_into(gathered[off:off + n], fmt, s_inv, tmp)
-            g.copy_(tmp.view(g.shape))
+    codec.decode(0, gathered[:layout.numel])  # scale_inv: a power of two, exact
+    codec.finish()
     return stats
 
 
@@ -174,7 +163,7 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
     stats.log2_scales = log2_scale.cpu()
     if stats.found_inf:
         return None, stats
-    flat = _quantize_flat(grads, layout, torch.exp2(log2_scale), fmt, stats if quant_stats else None)
+    flat = _quantize_flat(BucketCodec(grads, layout, log2_scale, fmt), stats, quant_stats)
     lo, hi = bounds[coll.rank], bounds[coll.rank + 1]
     mean = _reduce_chunk(flat, bounds, fmt, coll)
     if requantize:
