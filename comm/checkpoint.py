@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fp8train._atomic import atomic_torch_save as _atomic_torch_save
+from fp8train._atomic import atomic_write as _atomic_write
 from fp8train.comm.zero import ZeroOptimizer
 
 __all__ = ["MANIFEST_NAME", "load_zero_checkpoint", "read_zero_manifest", "save_zero_checkpoint"]
@@ -57,31 +59,6 @@ _VERSION = 1
 
 def _optim_file(rank: int, world_size: int) -> str:
     return f"optim-rank{rank}-of-{world_size}.pt"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` to a temporary file beside ``path``, fsync, then rename onto ``path``; on any
-    error the temporary file is removed and ``path`` is left as it was."""
-    # not tempfile.mkstemp: its files are mode 0600, and the checkpoint should get the umask's mode
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _collectively(zero_opt: ZeroOptimizer, what: str, fn: Callable[[], Any]) -> Any:

@@ -1,5 +1,6 @@
-"""``python -m fp8train``: until the trainer lands, runs the FP8-vs-fp32 demo (fp8train.demo)."""
+"""``python -m fp8train``: the same as the ``fp8train`` command (see fp8train/cli.py)."""
 
-from fp8train.demo import main
+from fp8train.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

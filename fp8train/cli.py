@@ -1,0 +1,110 @@
+"""The ``fp8train`` command (and ``python -m fp8train``): Hydra composes ``configs/``, ``train`` runs.
+
+    fp8train                                         # tiny GPT, FP8 (fp8_o2), bundled Shakespeare, CPU ok
+    fp8train precision=fp32 train.steps=100          # another preset, a field changed
+    fp8train -m precision=fp32,bf16,fp8_o1,fp8_o2    # a sweep: one run per preset
+    torchrun --nproc-per-node=2 -m fp8train precision=fp8_o3
+    fp8train --help                                  # groups, options and the composed config
+
+Errors in the config (an unknown key or option, a wrong type, a bad combination, bad data) print
+ONE line, ``fp8train: error: ...`` naming the key and what is allowed, exit with status 2, and
+leave nothing behind. Hydra is imported here only: ``fp8train.train.train`` takes typed configs.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["main"]
+
+_EXIT_CONFIG_ERROR = 2
+_GROUPS = ("model", "data", "precision", "optim", "parallel", "logging", "launcher", "experiment")
+
+
+def _fail(message: str) -> None:
+    print(f"fp8train: error: {message}", file=sys.stderr)
+    sys.exit(_EXIT_CONFIG_ERROR)
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files shipped in ``fp8train.configs/<group>``."""
+    folder = resources.files("fp8train.configs") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local-rank N``, which the DeepSpeed launcher appends (the rank
+    is read from LOCAL_RANK, which it sets too); Hydra would reject them."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
+def _check_group_choices(argv: list[str]) -> None:
+    """Reject ``group=option`` for options that do not exist with one line listing the allowed ones
+    (Hydra's own message spans several lines). Sweeps (``a,b``) are checked item by item."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in _GROUPS or value in ("null", ""):
+            continue
+        allowed = group_options(key)
+        items = value.removeprefix("choice(").removesuffix(")").split(",")
+        for item in (i.strip() for i in items):
+            if item not in allowed:
+                _fail(f"{key}={item!r} is not a config option; allowed values: {', '.join(allowed)}")
+
+
+def _remove_if_empty(directory: Path) -> None:
+    """Hydra creates the run directory before the config is validated; an invalid run leaves none."""
+    try:
+        directory.rmdir()  # only succeeds when empty
+        directory.parent.rmdir()  # outputs/ or multirun/ when this run made it
+    except OSError:
+        pass
+
+
+def _task(cfg: object) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fp8train._typed import ConfigError
+    from fp8train.train import train
+    from fp8train.trainer.config import train_config_from_mapping
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        result = train(train_config_from_mapping(plain))
+    except ConfigError as e:
+        _remove_if_empty(run_dir)
+        _fail(str(e))
+    except OmegaConfBaseException as e:  # e.g. a required value (???) left unset
+        _remove_if_empty(run_dir)
+        _fail(str(e).splitlines()[0] + (f" (key {e.full_key})" if getattr(e, "full_key", None) else ""))
+    return result.val_loss  # what a Hydra sweeper optimises
+
+
+def main() -> None:
+    """Console entry point."""
+    import hydra
+
+    argv = _strip_launcher_args(sys.argv[1:])
+    _check_group_choices(argv)
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(version_base="1.3", config_path="pkg://fp8train.configs", config_name="config")(_task)()
+
+
+if __name__ == "__main__":
+    main()

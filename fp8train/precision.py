@@ -1,0 +1,102 @@
+"""``PrecisionConfig``: where a training run uses FP8 (or bf16), as one typed record.
+
+The presets (``configs/precision/*.yaml``), each adding to the one before:
+  fp32    everything in fp32; gradients all-reduced in fp32; torch AdamW.
+  bf16    GEMM operands rounded to bf16 (on CPU: an exact emulation, fp32 accumulation; on CUDA:
+          torch.autocast), the rest fp32; the high-precision baseline.
+  fp8_o1  FP8 GEMMs (E4M3 forward, E5M2 output gradients) + FP8 gradient all-reduce with a
+          globally-synced per-tensor scale (fp8train.comm).
+  fp8_o2  + Fp8AdamW: E4M3 first moment, FP16 second moment, FP16 scaled master weights.
+  fp8_o3  + whole-tensor ZeRO-2, whose owners all-gather the FP8 compute weights (E4M3 + scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fp8train._validate import check_choice
+from fp8train.bf16 import bf16_autocast, convert_to_bf16_emulated
+from fp8train.comm.config import Fp8CommConfig
+from fp8train.config import Fp8Config
+from fp8train.convert import convert_to_fp8
+from fp8train.linear import Fp8Linear
+from fp8train.optim._formats import EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS
+
+__all__ = ["OptimStateConfig", "PrecisionConfig", "apply_precision"]
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimStateConfig:
+    """Storage formats of Fp8AdamW's state (used when ``PrecisionConfig.optimizer="fp8_adamw"``):
+    exp_avg_dtype "e4m3" | "bf16" | "fp16" | "fp32"; exp_avg_sq_dtype "fp16" | "bf16" | "fp32";
+    master_dtype "fp16" | "bf16" | "fp32" | None (the parameter itself is the master)."""
+
+    exp_avg_dtype: str = "e4m3"
+    exp_avg_sq_dtype: str = "fp16"
+    master_dtype: str | None = "fp16"
+
+    def __post_init__(self) -> None:
+        owner = "OptimStateConfig"
+        check_choice(owner, "exp_avg_dtype", self.exp_avg_dtype, EXP_AVG_FORMATS)
+        check_choice(owner, "exp_avg_sq_dtype", self.exp_avg_sq_dtype, EXP_AVG_SQ_FORMATS)
+        check_choice(owner, "master_dtype", self.master_dtype, MASTER_FORMATS)
+
+
+@dataclass(kw_only=True, slots=True)
+class PrecisionConfig:
+    """name:        the preset's label (fp32, bf16, fp8_o1, fp8_o2, fp8_o3), used in run names.
+    gemm:        "fp32" | "bf16" | "fp8": precision of the Linear GEMMs (the output head stays in
+                 high precision with fp8, see convert_to_fp8).
+    grad_comm:   "native" (torch's all-reduce in the gradient dtype) | "fp8" (fp8train.comm: one
+                 amax sync per bucket, FP8 on the wire, fp32 sums).
+    optimizer:   "adamw" (torch.optim.AdamW) | "fp8_adamw" (fp8train.optim.Fp8AdamW, formats in
+                 ``optim_state``).
+    fp8_weights: ZeRO owners all-gather the FP8 linear weights (E4M3 + scale) instead of the
+                 high-precision ones; needs parallel zero1/zero2 and fp8_adamw with a master.
+    fp8:         Fp8Linear settings (recipe, margin, backend, ...), used when gemm="fp8".
+    comm:        FP8 gradient communication settings, used when grad_comm="fp8".
+    optim_state: Fp8AdamW state formats.
+    """
+
+    name: str = "fp8_o2"
+    gemm: Literal["fp32", "bf16", "fp8"] = "fp8"
+    grad_comm: Literal["native", "fp8"] = "fp8"
+    optimizer: Literal["adamw", "fp8_adamw"] = "fp8_adamw"
+    fp8_weights: bool = False
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    comm: Fp8CommConfig = field(default_factory=Fp8CommConfig)
+    optim_state: OptimStateConfig = field(default_factory=OptimStateConfig)
+
+    def __post_init__(self) -> None:
+        if self.fp8_weights and self.optimizer != "fp8_adamw":
+            raise ValueError(f"PrecisionConfig.fp8_weights=True needs optimizer='fp8_adamw' (got {self.optimizer!r}): "
+                             "the owner keeps the high-precision master in Fp8AdamW")
+        if self.fp8_weights and self.optimizer == "fp8_adamw" and self.optim_state.master_dtype is None:
+            raise ValueError("PrecisionConfig.fp8_weights=True needs optim_state.master_dtype in "
+                             "'fp16', 'bf16', 'fp32' (got None): the weights themselves become FP8")
+        if self.fp8_weights and self.gemm != "fp8":
+            raise ValueError(f"PrecisionConfig.fp8_weights=True needs gemm='fp8' (got {self.gemm!r})")
+
+
+def apply_precision(model: nn.Module, cfg: PrecisionConfig,
+                    device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """Convert ``model``'s linear layers in place for ``cfg.gemm``; returns a factory of the context
+    each forward pass runs under (bf16 autocast on CUDA, nothing elsewhere)."""
+    if cfg.gemm == "fp8":
+        convert_to_fp8(model, config=cfg.fp8)
+    elif cfg.gemm == "bf16":
+        if device.type == "cuda":
+            return lambda: bf16_autocast(device)
+        convert_to_bf16_emulated(model)  # bf16 GEMMs on CPU are ~100x slower than fp32: emulate
+    return nullcontext
+
+
+def fp8_weight_names(model: nn.Module) -> list[str]:
+    """Parameter names of the Fp8Linear weights (what ``fp8_weights`` gathers in FP8)."""
+    return [f"{fqn}.weight" if fqn else "weight" for fqn, m in model.named_modules() if isinstance(m, Fp8Linear)]

@@ -1,0 +1,99 @@
+"""``train(cfg)``: one training run, from a typed ``TrainConfig`` (no Hydra needed).
+
+    fp8train                                       # GPT on the bundled corpus, FP8 (fp8_o2), CPU is fine
+    torchrun --nproc-per-node=4 -m fp8train precision=fp8_o3
+    torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 -m fp8train
+
+From Python: ``train(TrainConfig(...))`` or ``train(train_config_from_mapping({...}))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fp8train._atomic import atomic_write_text
+from fp8train.data import WindowSampler, load_token_data, prepare_token_file
+from fp8train.precision import apply_precision
+from fp8train.trainer.build import build_model, count_parameters
+from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume
+from fp8train.trainer.config import TrainConfig, train_config_to_mapping
+from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
+from fp8train.trainer.loop import LoopState, run_loop
+from fp8train.trainer.monitor import Monitor
+from fp8train.trainer.strategy import build_strategy
+
+__all__ = ["TrainResult", "train"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    skipped_steps: int
+
+
+def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path | None:
+    """Rank 0 validates the run directory and prepares the data; the others learn the outcome
+    (an error on rank 0 stops every rank, before anything is written to run_dir)."""
+    result: object = None
+    if env.is_main:
+        try:
+            prepare_token_file(cfg.data)
+            result = resolve_resume(cfg.resume, run_dir)
+        except Exception as e:  # re-raised on every rank below
+            result = e
+    result = broadcast_object(result, env.device)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or continue, see ``TrainConfig.resume``) the training described by ``cfg``."""
+    run_dir = Path(cfg.run_dir)
+    with distributed_session(cfg.launcher) as env:
+        resume_from = _prepare(cfg, env, run_dir)
+        data = load_token_data(cfg.data, seq_len=cfg.block_size, vocab_size=cfg.vocab_size)
+        model = build_model(cfg.model, seed=cfg.seed, device=env.device)
+        forward_ctx = apply_precision(model, cfg.precision, env.device)  # a context factory
+        strategy = build_strategy(model, cfg, env)
+        state, position, wandb_id = LoopState(), 0, None
+        if resume_from is not None:
+            saved = load_checkpoint(resume_from, strategy=strategy, model=model, env=env)
+            state = LoopState(step=saved["step"], skipped_steps=saved["skipped_steps"], tokens_seen=saved["tokens_seen"])
+            position, wandb_id = saved["data_position"], saved.get("wandb_id")
+        sampler = WindowSampler(data.train, seq_len=cfg.block_size, seed=cfg.seed, position=position)
+        plain = train_config_to_mapping(cfg)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+        agree(True, "run directory", env.device)
+        monitor = Monitor(cfg.logging, run_dir=run_dir, run_name=cfg.name, config=plain, is_main=env.is_main,
+                          start_step=state.step, total_steps=cfg.train.steps, wandb_id=wandb_id)
+        try:
+            monitor.print(f"{cfg.name}: {cfg.model.arch} {count_parameters(model) / 1e6:.2f} M params | precision "
+                          f"{cfg.precision.name} | {cfg.strategy} on {env.world_size} x {env.device.type} | data "
+                          f"{data.source} ({len(data.train) / 1e6:.2f} M train tokens) | run_dir {run_dir}")
+            if resume_from is not None:
+                monitor.print(f"resumed from {resume_from} at step {state.step}")
+            if state.step >= cfg.train.steps:
+                monitor.print(f"nothing to do: the run is at step {state.step} of train.steps={cfg.train.steps}")
+
+            def trainer_state(s: LoopState) -> dict[str, object]:
+                return {"data_position": sampler.position, "skipped_steps": s.skipped_steps,
+                        "tokens_seen": s.tokens_seen, "world_size": env.world_size,
+                        "wandb_id": monitor.wandb_id, "config": plain}
+
+            state = run_loop(cfg, model=model, strategy=strategy, sampler=sampler, val_tokens=data.val, env=env,
+                             monitor=monitor, state=state, run_dir=run_dir,
+                             forward_ctx_factory=forward_ctx,
+                             trainer_state=trainer_state)
+        finally:
+            monitor.close()
+    return TrainResult(run_dir=run_dir, step=state.step, train_loss=state.last_train_loss,
+                       val_loss=state.last_val_loss, skipped_steps=state.skipped_steps)

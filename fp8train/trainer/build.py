@@ -1,0 +1,64 @@
+"""Building a run's model and optimizer from its config (random init; nothing is downloaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fp8train.models import GPT, Llama
+from fp8train.models.gpt import GPTConfig
+from fp8train.models.llama import LlamaConfig
+from fp8train.optim import Fp8AdamWConfig
+from fp8train.trainer.config import HfModelConfig, ModelConfig, TrainConfig
+
+__all__ = ["build_model", "build_optimizer", "count_parameters"]
+
+
+def build_model(cfg: ModelConfig, *, seed: int, device: torch.device) -> nn.Module:
+    """The model with weights drawn from ``seed`` (identical on every rank), on ``device``, in fp32.
+    Its ``forward(idx, targets)`` returns ``(logits, loss)``."""
+    torch.manual_seed(seed)
+    spec = cfg.spec
+    if isinstance(spec, GPTConfig):
+        model: nn.Module = GPT(spec)
+    elif isinstance(spec, LlamaConfig):
+        model = Llama(spec)
+    elif isinstance(spec, HfModelConfig):
+        from fp8train.models.hf import build_hf_causal_lm  # transformers is an optional extra
+
+        kwargs = {k: v for k, v in spec.config.items() if k != "_target_"}
+        model = build_hf_causal_lm(spec.config["_target_"], kwargs, vocab_size=spec.vocab_size,
+                                   block_size=spec.block_size)
+    else:  # unreachable: ModelConfig.spec is typed
+        raise TypeError(f"unknown model spec {type(spec).__name__}")
+    return model.to(device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (Linear weights, embeddings), none on vectors (biases, norm gains):
+    decaying a gain towards 0 only fights the normalisation it scales."""
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW or Fp8AdamW (``precision.optimizer``) over ``params`` with ``optim``'s settings;
+    the learning rate is set every step by the schedule."""
+    o = cfg.optim
+    groups = _param_groups(params, o.weight_decay)
+    if cfg.precision.optimizer == "fp8_adamw":
+        s = cfg.precision.optim_state
+        return Fp8AdamWConfig(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                              exp_avg_dtype=s.exp_avg_dtype, exp_avg_sq_dtype=s.exp_avg_sq_dtype,
+                              master_dtype=s.master_dtype).build(groups)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)

@@ -1,0 +1,141 @@
+"""Training checkpoints: everything needed to continue a run bit for bit.
+
+Layout: ``{run_dir}/checkpoints/step_{N:08d}/``
+  model.pt, optim.pt             DDP: the model's state_dict (weights + FP8 scaling states of rank 0)
+                                 and the replicated optimizer's (moments, Fp8AdamW scales), by rank 0;
+  model.pt, optim-rank*-of-*.pt, ZeRO: fp8train.comm.save_zero_checkpoint (state by parameter name,
+  manifest.json                  so a run resumes on another world size);
+  rank{r}.pt                     per rank: its torch RNG states and its FP8 scaling states (amax
+                                 histories: each rank scales its own activations and gradients);
+  trainer.json                   written last: step, data position, counters, wandb run id, config.
+
+Atomicity: a checkpoint is written into ``.step_{N}.partial/`` and renamed to ``step_{N}`` only
+when every rank has finished its files; the rename is atomic, so ``step_*`` directories are always
+complete and a crash leaves at most a ``.partial`` directory (removed by the next save). Older
+checkpoints beyond ``keep_last`` are deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fp8train._atomic import atomic_torch_save, atomic_write_text, fsync_dir
+from fp8train._typed import ConfigError
+from fp8train.recipes import ScalingState
+from fp8train.trainer.distributed import DistEnv, agree
+
+__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "latest_checkpoint", "load_checkpoint",
+           "resolve_resume", "save_checkpoint"]
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_FILE = "trainer.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / TRAINER_FILE).read_text())["step"])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint of the highest step under ``run_dir``, or None."""
+    root = run_dir / CHECKPOINTS_DIR
+    found = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / TRAINER_FILE).is_file()) \
+        if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint to start from: ``resume`` = "auto" | "never" | a checkpoint (or run) directory."""
+    latest = latest_checkpoint(run_dir)
+    if resume == "auto":
+        return latest
+    if resume == "never":
+        if latest is not None:
+            raise ConfigError(f"resume='never' but run_dir={str(run_dir)!r} already holds checkpoints (latest: "
+                              f"{latest.name}); allowed: resume='auto' to continue it, or another run_dir / name")
+        return None
+    path = Path(resume).expanduser()
+    if (path / TRAINER_FILE).is_file():
+        return path
+    inner = latest_checkpoint(path) if path.is_dir() else None
+    if inner is None:
+        raise ConfigError(f"resume={resume!r} is not a complete checkpoint (no {TRAINER_FILE}) nor a run directory "
+                          "holding one; allowed: 'auto', 'never', or such a path")
+    return inner
+
+
+def _scaling_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{fqn}.{name}": buf for fqn, m in model.named_modules() if isinstance(m, ScalingState)
+            for name, buf in m.named_buffers(recurse=False)}
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module, env: DistEnv,
+                    trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it after the same step. Returns the checkpoint's final path."""
+    root = run_dir / CHECKPOINTS_DIR
+    final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
+    ok = False
+    try:
+        if env.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        ok = True
+    finally:
+        agree(ok, "checkpoint: creating the directory", env.device)
+    strategy.save(partial)  # collective for ZeRO (it agrees on failures itself)
+    ok = False
+    try:
+        atomic_torch_save({"rng": _rng_state(env.device), "scaling": _scaling_state(model)},
+                          partial / f"rank{env.rank}.pt")
+        ok = True
+    finally:
+        agree(ok, "checkpoint: writing rank files", env.device)
+    ok = False
+    try:
+        if env.is_main:
+            atomic_write_text(partial / TRAINER_FILE, json.dumps({"step": step, **trainer_state}, indent=1))
+            if final.exists():  # the same step saved again (e.g. a run extended after its end)
+                shutil.rmtree(final)
+            partial.rename(final)
+            fsync_dir(root)
+            complete = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name))
+            for old in complete[:-keep_last]:
+                shutil.rmtree(old)
+        ok = True
+    finally:
+        agree(ok, "checkpoint: committing", env.device)
+    return final
+
+
+def load_checkpoint(path: Path, *, strategy: Any, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+    """Collective: restore model, optimizer, this rank's RNG and FP8 scaling states; returns the
+    trainer state (trainer.json). Scaling states and RNG come from this rank's file when the world
+    size is unchanged, else from rank 0's (each rank's own history does not exist at the new size)."""
+    trainer_state = json.loads((path / TRAINER_FILE).read_text())
+    strategy.load(path)
+    same_world = trainer_state.get("world_size") == env.world_size
+    rank_file = path / f"rank{env.rank if same_world else 0}.pt"
+    saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+    if saved["scaling"]:
+        state = model.state_dict()
+        for key, value in saved["scaling"].items():
+            state[key].copy_(value)
+    if same_world:
+        torch.set_rng_state(saved["rng"]["torch"])
+        if env.device.type == "cuda" and "cuda" in saved["rng"]:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], env.device)
+    return trainer_state

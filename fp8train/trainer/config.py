@@ -1,0 +1,261 @@
+"""``TrainConfig``: everything one training run needs, as typed dataclasses.
+
+The Hydra groups in ``configs/`` fill these one to one (model, data, precision, optim, parallel,
+logging, launcher; ``train`` and ``checkpoint`` live in the primary config). ``train_config_from_mapping``
+turns a composed (plain) config tree into a ``TrainConfig`` with one-line errors naming the key;
+``TrainConfig.__post_init__`` rejects bad combinations the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fp8train._typed import ConfigError, build_dataclass, to_plain
+from fp8train.data import DataConfig
+from fp8train.models.gpt import GPTConfig
+from fp8train.models.llama import LlamaConfig
+from fp8train.precision import PrecisionConfig
+
+__all__ = [
+    "CheckpointConfig", "HfModelConfig", "LauncherConfig", "LoggingConfig", "LoopConfig", "ModelConfig",
+    "OptimConfig", "ParallelConfig", "TrainConfig", "train_config_from_mapping", "train_config_to_mapping",
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class HfModelConfig:
+    """A Hugging Face ``transformers`` causal LM built from its config class, randomly initialised
+    (nothing is downloaded). config: ``{"_target_": "transformers.LlamaConfig", **kwargs}``;
+    vocab_size and block_size override the config's vocabulary and position fields."""
+
+    vocab_size: int = 256
+    block_size: int = 128
+    config: dict[str, Any] = field(default_factory=lambda: {"_target_": "transformers.LlamaConfig"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config.get("_target_"), str):
+            raise ValueError("HfModelConfig.config._target_ is missing; allowed: a dotted transformers config "
+                             "class such as 'transformers.LlamaConfig'")
+
+
+ARCHS: dict[str, type] = {"gpt": GPTConfig, "llama": LlamaConfig, "hf": HfModelConfig}
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """name: label for run names; spec: the architecture's own config (GPTConfig, LlamaConfig or
+    HfModelConfig). In YAML the spec's fields sit beside ``name`` and ``arch``."""
+
+    name: str = "gpt_tiny"
+    spec: GPTConfig | LlamaConfig | HfModelConfig = field(default_factory=GPTConfig)
+
+    @property
+    def arch(self) -> str:
+        return next(a for a, cls in ARCHS.items() if isinstance(self.spec, cls))
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW hyperparameters and the learning-rate schedule (per optimizer step).
+    lr: peak learning rate; min_lr: floor of the cosine decay; warmup_steps: linear warm-up from
+    lr/warmup_steps to lr; schedule: "cosine" (to min_lr at train.steps) | "constant" (after warm-up);
+    max_grad_norm: clip the global L2 gradient norm to this (None: no clipping)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "eps", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r} is out of range; allowed: finite >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r} is out of range; allowed: [0, 1)")
+        if self.min_lr > self.lr:
+            raise ValueError(f"OptimConfig.min_lr={self.min_lr} is above lr={self.lr}; allowed: min_lr <= lr")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig.warmup_steps={self.warmup_steps} is out of range; allowed: integers >= 0")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"OptimConfig.max_grad_norm={self.max_grad_norm!r} is out of range; allowed: null or > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """strategy: "auto" (zero2 when precision.fp8_weights, else ddp) | "ddp" (replicated weights and
+    optimizer; gradients all-reduced) | "zero1" (optimizer state sharded by whole tensors) | "zero2"
+    (gradients too); ddp_bucket_mb: DDP gradient bucket size in MiB."""
+
+    strategy: Literal["auto", "ddp", "zero1", "zero2"] = "auto"
+    ddp_bucket_mb: int = 25
+
+    def __post_init__(self) -> None:
+        if self.ddp_bucket_mb < 1:
+            raise ValueError(f"ParallelConfig.ddp_bucket_mb={self.ddp_bucket_mb} is out of range; allowed: >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """wandb: "offline" (files under run_dir/wandb, ``wandb sync`` later) | "online" | "disabled";
+    project: wandb project; log_every: console/metrics/wandb line every k steps; fp8_stats_every:
+    per-FP8-tensor scaling bias and amax every k steps (0: never); progress: tqdm bar on rank 0."""
+
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "fp8train"
+    log_every: int = 10
+    fp8_stats_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.fp8_stats_every < 0:
+            raise ValueError(f"LoggingConfig.log_every={self.log_every} / fp8_stats_every={self.fp8_stats_every} "
+                             "out of range; allowed: log_every >= 1, fp8_stats_every >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class LauncherConfig:
+    """How this process joins the job. env: "torchrun" (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
+    MASTER_PORT as torchrun and the DeepSpeed launcher set them; none set = one process) |
+    "slurm" (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, MASTER_ADDR/MASTER_PORT from the batch
+    script); backend: "auto" (nccl on CUDA, else gloo) | "gloo" | "nccl"; device: "auto" (CUDA
+    when available) | "cpu" | "cuda"; timeout_s: collective timeout in seconds; cpu_threads: torch
+    intra-op threads per process (None: cores / local processes)."""
+
+    name: str = "local"
+    env: Literal["torchrun", "slurm"] = "torchrun"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: int = 600
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s < 1 or (self.cpu_threads is not None and self.cpu_threads < 1):
+            raise ValueError(f"LauncherConfig.timeout_s={self.timeout_s} / cpu_threads={self.cpu_threads} out of "
+                             "range; allowed: timeout_s >= 1, cpu_threads null or >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoopConfig:
+    """steps: optimizer steps; micro_batch_size: sequences per rank per micro-step; grad_accum_steps:
+    micro-steps per optimizer step (gradients accumulate in high precision and are quantized once);
+    eval_every: validation every k steps (0: only at the end); eval_batches: micro-batches per rank
+    per validation. Tokens per step = micro_batch_size x block_size x grad_accum_steps x world size."""
+
+    steps: int = 200
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8
+
+    def __post_init__(self) -> None:
+        for name, lo in (("steps", 1), ("micro_batch_size", 1), ("grad_accum_steps", 1), ("eval_every", 0),
+                         ("eval_batches", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"LoopConfig.{name}={getattr(self, name)} is out of range; allowed: integers >= {lo}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """every: save every k steps (0: only at the end); keep_last: complete checkpoints kept (older
+    ones are deleted after a newer one is complete)."""
+
+    every: int = 100
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError(f"CheckpointConfig.every={self.every} / keep_last={self.keep_last} out of range; "
+                             "allowed: every >= 0, keep_last >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """name: run label; run_dir: where checkpoints, metrics and logs go (shared by all ranks);
+    resume: "auto" (continue from the latest complete checkpoint in run_dir, if any) | "never"
+    (refuse a run_dir that holds checkpoints) | a checkpoint directory path; seed: model init and
+    data order."""
+
+    name: str = "gpt_tiny-fp8_o2"
+    run_dir: str = "outputs/gpt_tiny-fp8_o2"
+    resume: str = "auto"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        strategy = self.strategy
+        if self.precision.fp8_weights and strategy == "ddp":
+            raise ValueError(f"precision={self.precision.name} (fp8_weights) needs parallel zero1 or zero2 (got "
+                             "ddp): FP8 weights are gathered by ZeRO owners; allowed parallel: auto, zero1, zero2")
+        if strategy in ("zero1", "zero2") and self.precision.grad_comm != "fp8":
+            raise ValueError(f"parallel={strategy} synchronises gradients in FP8 and needs precision.grad_comm='fp8' "
+                             f"(precision={self.precision.name} has {self.precision.grad_comm!r}); allowed "
+                             "precision with zero: fp8_o1, fp8_o2, fp8_o3")
+        if self.model.arch != "hf" and self.model.spec.vocab_size < 1:
+            raise ValueError("model.vocab_size must be >= 1")
+
+    @property
+    def strategy(self) -> str:
+        """parallel.strategy with "auto" resolved."""
+        if self.parallel.strategy != "auto":
+            return self.parallel.strategy
+        return "zero2" if self.precision.fp8_weights else "ddp"
+
+    @property
+    def block_size(self) -> int:
+        return self.model.spec.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.spec.vocab_size
+
+
+def _model_from_mapping(data: Any) -> ModelConfig:
+    if data is None or isinstance(data, ModelConfig):
+        return data or ModelConfig()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model={data!r} has the wrong type; expected a mapping")
+    rest = dict(data)
+    name, arch = rest.pop("name", "model"), rest.pop("arch", None)
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch={arch!r} is not allowed; allowed values: {', '.join(map(repr, ARCHS))}")
+    try:
+        spec = build_dataclass(ARCHS[arch], rest, "model")
+    except ConfigError as e:
+        if "unknown config key" in str(e):  # the YAML form also allows name and arch
+            raise ConfigError(str(e).replace("under model: ", f"under model (arch {arch}): name, arch, ")) from None
+        raise
+    return ModelConfig(name=str(name), spec=spec)
+
+
+def train_config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
+    """A ``TrainConfig`` from a plain nested mapping (e.g. a composed Hydra config as a container).
+    ConfigError (one line, naming the key and what is allowed) for anything invalid."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the config is a {type(data).__name__}; expected a mapping")
+    rest = dict(data)
+    model = _model_from_mapping(rest.pop("model", None))
+    return build_dataclass(TrainConfig, rest, "", prebuilt={"model": model})
+
+
+def train_config_to_mapping(cfg: TrainConfig) -> dict[str, Any]:
+    """The inverse of ``train_config_from_mapping`` (what run_dir/config.yaml holds)."""
+    out = to_plain(cfg)
+    out["model"] = {"name": cfg.model.name, "arch": cfg.model.arch, **to_plain(cfg.model.spec)}
+    return out

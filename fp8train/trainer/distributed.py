@@ -1,0 +1,114 @@
+"""Joining the job: ranks from the launcher's environment, the device, the process group.
+
+Every run has a process group, even a single process (a one-rank gloo/nccl group on an in-memory
+store), so that one code path serves 1 and N processes: DDP, the FP8 gradient all-reduce and ZeRO
+do at N = 1 exactly the quantization they do at N.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fp8train._typed import ConfigError
+from fp8train.trainer.config import LauncherConfig
+
+__all__ = ["DistEnv", "agree", "broadcast_object", "distributed_session"]
+
+
+@dataclass(frozen=True, slots=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ConfigError(f"launcher: environment variable {name} is not set; the launcher must export it")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"launcher: environment variable {name}={raw!r} is not an integer") from None
+
+
+def _ranks(cfg: LauncherConfig) -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's or SLURM's variables."""
+    if cfg.env == "slurm":
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise ConfigError(f"launcher.env='slurm' needs {name} exported by the batch script (see launch/slurm.sbatch)")
+        world = _env_int("SLURM_NTASKS")
+        nodes = _env_int("SLURM_NNODES", 1)
+        return _env_int("SLURM_PROCID"), world, _env_int("SLURM_LOCALID"), max(1, world // nodes)
+    world = _env_int("WORLD_SIZE", 1)
+    return _env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world)
+
+
+def _device(cfg: LauncherConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("launcher.device='cuda' but CUDA is not available here; allowed: 'auto', 'cpu'")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@contextmanager
+def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
+    """Join (or reuse) the default process group for the duration of a run. A group that already
+    exists is used as it is and left open; one created here is destroyed on exit."""
+    rank, world, local_rank, local_world = _ranks(cfg)
+    device = _device(cfg, local_rank)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("launcher.backend='nccl' needs launcher.device cuda; allowed on CPU: 'auto', 'gloo'")
+    if device.type == "cpu" and (cfg.cpu_threads is not None or local_world > 1):
+        # N processes on one host share its cores: without this each would start cores threads
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    else:
+        rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        yield DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=device)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def agree(ok: bool, what: str, device: torch.device) -> None:
+    """Collective: raise on every rank if ``ok`` is False on any (the failing rank raises its own
+    error before calling this), so that no rank waits alone in a later collective."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        raise RuntimeError(f"{what} failed on another rank; see its error")
+
+
+def broadcast_object(obj: object, device: torch.device) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]

@@ -1,0 +1,154 @@
+"""Data-parallel strategies behind one interface: DDP (replicated optimizer) and whole-tensor ZeRO.
+
+Both give the loop: ``module`` (what the forward runs through), ``accumulating(sync)`` (the context
+of one micro-step's forward+backward: gradients are synchronised only on the last micro-step, so the
+high-precision sum of the micro-batch gradients is quantized ONCE), ``step()`` (synchronise if not
+done yet, skip on overflow, clip, update) and checkpoint I/O of their optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fp8train._atomic import atomic_torch_save
+from fp8train.comm import ZeroConfig, ZeroOptimizer, load_zero_checkpoint, register_fp8_comm_hook, save_zero_checkpoint
+from fp8train.optim import Fp8AdamW
+from fp8train.precision import fp8_weight_names
+from fp8train.trainer.build import build_optimizer
+from fp8train.trainer.config import TrainConfig
+from fp8train.trainer.distributed import DistEnv
+
+__all__ = ["DdpStrategy", "StepOutcome", "ZeroStrategy", "build_strategy"]
+
+_MODEL_FILE = "model.pt"
+_OPTIM_FILE = "optim.pt"
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """skipped: overflow (inf/NaN in a gradient on some rank): no update anywhere. grad_norm: global
+    L2 norm before clipping (None when not computed). comm_bytes: bytes this rank sent."""
+
+    skipped: bool
+    grad_norm: float | None
+    comm_bytes: int
+
+
+def _ring_all_reduce_bytes(params: list[nn.Parameter], world_size: int) -> int:
+    """Bytes a rank sends in a ring all-reduce of the gradients: 2 (N-1)/N of their size."""
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    return 2 * (world_size - 1) * nbytes // world_size
+
+
+class DdpStrategy:
+    """DistributedDataParallel; with ``precision.grad_comm="fp8"`` its buckets go through the FP8
+    all-reduce hook. Parameters, buffers and optimizer state are replicated; rank 0 saves them."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, env: DistEnv) -> None:
+        self.model, self.env = model, env
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        # broadcast_buffers=False: FP8 scaling states are per-rank (each rank scales its own
+        # activations); rank 0's would otherwise overwrite them before every forward
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, whose False still
+            # syncs at init; its own message says to keep broadcast_buffers=False for rank-local buffers
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            self.module = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                                  bucket_cap_mb=cfg.parallel.ddp_bucket_mb)
+        self.hook = register_fp8_comm_hook(self.module, cfg.precision.comm) if cfg.precision.grad_comm == "fp8" else None
+        self.optimizer = build_optimizer(model.parameters(), cfg)
+        self.max_grad_norm = cfg.optim.max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
+        return nullcontext() if sync else self.module.no_sync()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> StepOutcome:
+        stats = self.hook.pop_stats() if self.hook is not None else None
+        found_inf = stats is not None and stats.found_inf  # the same on every rank (from the MAX-reduced amax)
+        norm = None
+        if not found_inf:
+            grads = [p for p in self.params if p.grad is not None]
+            # after DDP's all-reduce every rank holds the same gradients, so the same norm and verdict
+            total = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm or math.inf, foreach=True)
+            norm = float(total)
+            found_inf = not math.isfinite(norm)
+        if isinstance(self.optimizer, Fp8AdamW):
+            self.optimizer.step(found_inf=found_inf)
+            found_inf = found_inf or self.optimizer.last_step_skipped
+        elif not found_inf:
+            self.optimizer.step()
+        comm = stats.bytes_sent if stats is not None else _ring_all_reduce_bytes(self.params, self.env.world_size)
+        return StepOutcome(skipped=found_inf, grad_norm=norm, comm_bytes=comm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path) -> None:
+        if self.env.is_main:
+            atomic_torch_save(self.model.state_dict(), directory / _MODEL_FILE)
+            atomic_torch_save(self.optimizer.state_dict(), directory / _OPTIM_FILE)
+
+    def load(self, directory: Path) -> None:
+        self.model.load_state_dict(torch.load(directory / _MODEL_FILE, map_location=self.env.device, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(directory / _OPTIM_FILE, map_location=self.env.device,
+                                                  weights_only=True))
+
+
+class ZeroStrategy:
+    """Whole-tensor ZeRO-1/2 (fp8train.comm.ZeroOptimizer): no DDP wrapper; gradients accumulate
+    locally and ``step`` synchronises them in FP8; with ``precision.fp8_weights`` the owners
+    all-gather the FP8 linear weights."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, env: DistEnv, stage: int) -> None:
+        self.model, self.env, self.module = model, env, model
+        zero_cfg = ZeroConfig(stage=stage, comm=cfg.precision.comm, max_grad_norm=cfg.optim.max_grad_norm)
+        fp8_names = fp8_weight_names(model) if cfg.precision.fp8_weights else []
+        self.zero = ZeroOptimizer(model.named_parameters(), lambda owned: build_optimizer(owned, cfg),
+                                  config=zero_cfg, fp8_weight_names=fp8_names)
+
+    def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
+        return nullcontext()  # gradients are synchronised in step()
+
+    def set_lr(self, lr: float) -> None:
+        if self.zero.optimizer is not None:
+            for group in self.zero.optimizer.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> StepOutcome:
+        result = self.zero.step()
+        norm = float(result.grad_norm) if result.grad_norm is not None else None
+        comm = result.comm.bytes_sent + getattr(result, "weight_bytes_sent", 0)
+        return StepOutcome(skipped=result.skipped, grad_norm=norm, comm_bytes=comm)
+
+    def zero_grad(self) -> None:
+        self.zero.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path) -> None:
+        save_zero_checkpoint(self.zero, self.model, directory)
+
+    def load(self, directory: Path) -> None:
+        load_zero_checkpoint(self.zero, self.model, directory)
+
+
+def build_strategy(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> DdpStrategy | ZeroStrategy:
+    if not dist.is_initialized():
+        raise RuntimeError("build_strategy needs a process group (see trainer.distributed.distributed_session)")
+    strategy = cfg.strategy
+    if strategy == "ddp":
+        return DdpStrategy(model, cfg, env)
+    return ZeroStrategy(model, cfg, env, stage=1 if strategy == "zero1" else 2)
