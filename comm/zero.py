@@ -12,13 +12,42 @@ One ``ZeroOptimizer.step()`` on N ranks:
            so every rank skips the rest of the step identically: no clipping, no optimizer step,
            weights and state untouched, ``skipped_steps`` += 1.
   clipping (``max_grad_norm``): see ``_clip_``.
-  owners step the inner optimizer, then ONE all-gather moves the new weights: rank r's slot holds its
-           owned parameters' bytes end to end in their own dtype (uint8 view: lossless), padded to
-           the largest slot. Every rank copies the others' parameters out of it, so the weights
-           are bit-identical on all ranks after every step.
+  owners step the inner optimizer, then ONE all-gather moves the new weights (comm/_weights.py):
+           rank r's slot holds its owned parameters end to end, each 16-byte aligned, padded to the
+           largest slot; a parameter travels as its own dtype's bytes (uint8 view: lossless) or, if
+           named in ``fp8_weight_names``, as E4M3 codes plus its fp32 scale_inv. Every rank takes
+           the others' parameters out of it (and decodes its own FP8 ones), so the weights are
+           bit-identical on all ranks after every step. ``ZeroStepResult.weight_bytes_sent``
+           counts it.
 
 Because the gradients an owner sees are bit-identical to the replicated path's, and the inner
-optimizer's math is per tensor (``Fp8AdamW``), ZeRO-1/2 reproduce the replicated FP8 path bit for bit.
+optimizer's math is per tensor (``Fp8AdamW``), ZeRO-1/2 reproduce the replicated FP8 path bit for bit
+(with ``fp8_weight_names``: followed by the E4M3 round trip of those parameters after each step).
+
+FP8 compute weights (``fp8_weight_names``; in the trainer the ``.weight`` of every ``Fp8Linear``,
+DESIGN §6 "FP8 + scale_inv packed in one payload"). Such a parameter costs numel + 4 bytes in the
+all-gather instead of numel * element_size: about 1/4 of the lossless bytes for fp32, 1/2 for bf16.
+The owner quantizes the weight its inner optimizer wrote with a power-of-two scale from the weight's
+own amax (margin 0; amax 0/inf/nan keeps the previous scaling bias, which checkpoints save by name)
+and every rank, the owner included, sets the parameter to code * scale_inv. Numerics:
+  - exact for the FP8 GEMM: ``Fp8Linear``'s forward (``current`` recipe, margin 0) re-quantizes the
+    decoded weight; its amax is max|code| * scale_inv, so its scale is the owner's times 2**k with
+    k >= 0 and max|code| * 2**k <= 448, and code * 2**k is again an E4M3 value (a power of two moves
+    only the exponent; it cannot overflow, and growing never underflows). The GEMM sees exactly the
+    values code * scale_inv, as if the owner's cast had fed it: no second rounding. With a margin
+    m > 0, or a delayed / constant scale smaller than the owner's, the forward divides codes by up
+    to 2**m and may round the smallest ones again (identically on every rank);
+  - any other consumer of such a parameter (none for Linear weights; a tied embedding would be one)
+    sees the E4M3-rounded value (relative error <= 2**-4, elements below amax * 2**-17 flushed to 0),
+    not the optimizer's master;
+  - the decoded value is exact in fp32 parameters, in bf16 unless the amax is below ~2**-116; fp16
+    parameters round the smallest codes of a weight whose amax is below 448 * 2**-16 ~ 0.0068 (fp16's
+    subnormal floor is 2**-24), and |w| >= 63488 would decode to 65536 = inf: FP8 weights are meant
+    for fp32 / bf16 parameters;
+  - it requires an inner optimizer with its own master weight (``Fp8AdamW`` with master_dtype fp16,
+    bf16 or fp32; checked at construction, ValueError on every rank): that optimizer never reads a
+    parameter after its first step, so the rounding does not feed back into training (the reasoning
+    is at ``comm._weights.inner_master_problem``).
 
 Weights travel in ONE bucket (the whole model): the gather buffer holds N x (largest slot) bytes,
 about one extra copy of the weights, for a moment. Splitting it would need owner-balanced buckets
@@ -28,7 +57,8 @@ not worth it at this project's model sizes. Gradients are bucketed by ``Fp8CommC
 Limitation: an inner optimizer that skips a step on its own (``Fp8AdamW`` does when a new m, v or
 weight is non-finite) decides locally; with finite gradients that needs |g| > ~1.8e19 (g**2
 overflows fp32), which clipping rules out. Such a step would be partial (other owners did step),
-though the weights stay identical across ranks (they are all-gathered).
+though the weights stay identical across ranks (they are all-gathered; an FP8 weight its owner did
+not update is re-encoded from its decoded value, which gives the same value back, as in the forward).
 """
 
 from __future__ import annotations
@@ -44,6 +74,7 @@ import torch.distributed as dist
 from fp8train._validate import check_choice, check_type
 from fp8train.comm._layout import FlatLayout, plan_buckets
 from fp8train.comm._named_state import load_named_state, named_state, optimizer_formats
+from fp8train.comm._weights import WeightGather, inner_master_problem
 from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.partition import Partition, partition_parameters
@@ -64,10 +95,6 @@ _OWNER = "ZeroConfig"
 # and four 0-d fp32 tensors per parameter (step, and the log2 scales of m, v and the master).
 FP8_ADAMW_STATE_BYTES_PER_ELEMENT = 5
 FP8_ADAMW_STATE_BYTES_PER_TENSOR = 16
-
-# every parameter starts at a multiple of this many bytes in a weight slot, so that the uint8 buffer
-# can be viewed as any dtype at that offset
-_SLOT_ALIGN_BYTES = 16
 
 # torch.nn.utils.clip_grad_norm_'s guard against a zero norm; kept identical so that the clipped
 # gradients match torch's formula bit for bit
@@ -105,11 +132,14 @@ class ZeroStepResult:
     """skipped: the step was skipped for overflow (identically on every rank).
     grad_norm: global L2 norm of the synchronised gradients before clipping (0-d fp32, identical on
                every rank); None when not clipping or skipped.
-    comm: this rank's gradient communication statistics (merged over buckets)."""
+    comm: this rank's gradient communication statistics (merged over buckets).
+    weight_bytes_sent: bytes this rank put on the wire in the weight all-gather, counted as
+               ``CommStats`` counts an all-gather: (N - 1) x the slot size (0 on a skipped step)."""
 
     skipped: bool
     grad_norm: torch.Tensor | None
     comm: CommStats
+    weight_bytes_sent: int = 0
 
 
 def predicted_state_nbytes(numels: Sequence[int], partition: Partition, *,
@@ -134,11 +164,16 @@ class ZeroOptimizer:
     optimizer_factory: builds the inner optimizer from this rank's owned parameters (ascending in the
                        given order); called only on ranks that own at least one parameter.
     group:             process group (None: the default group).
+    fp8_weight_names:  names (from named_params) of parameters whose new value travels as E4M3 +
+                       scale_inv and is replaced on every rank by that rounding (module docstring);
+                       e.g. the ``.weight`` of every ``Fp8Linear``. Needs an inner optimizer with a
+                       master weight (``Fp8AdamW``, master_dtype not None). Empty: all lossless.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]],
                  optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], *,
-                 config: ZeroConfig, group: dist.ProcessGroup | None = None) -> None:
+                 config: ZeroConfig, group: dist.ProcessGroup | None = None,
+                 fp8_weight_names: Iterable[str] = ()) -> None:
         if not isinstance(config, ZeroConfig):
             raise ValueError(f"ZeroOptimizer.config={config!r} has type {type(config).__name__}; expected ZeroConfig")
         named = list(named_params)
@@ -153,6 +188,14 @@ class ZeroOptimizer:
             if p.device != named[0][1].device:
                 raise ValueError(f"ZeroOptimizer: parameter {name!r} is on {p.device}, {named[0][0]!r} on "
                                  f"{named[0][1].device}; all parameters must share one device")
+        if isinstance(fp8_weight_names, str):
+            raise ValueError(f"ZeroOptimizer.fp8_weight_names={fp8_weight_names!r} is one string; "
+                             "expected an iterable of parameter names")
+        fp8_names = set(fp8_weight_names)
+        unknown = sorted(fp8_names - {n for n, _ in named})
+        if unknown:
+            raise ValueError(f"ZeroOptimizer.fp8_weight_names: {unknown[0]!r} is not the name of a parameter "
+                             "in named_params")
         self.config = config
         self.group = group
         self.rank = dist.get_rank(group)
@@ -164,7 +207,12 @@ class ZeroOptimizer:
         self.optimizer = optimizer_factory([self.params[i] for i in self._owned]) if self._owned else None
         # stage 2: every owner's tensors contiguous, so that owner-aligned reduce-scatter bounds exist
         self._by_owner = sorted(range(len(self.params)), key=lambda i: (self.partition.owner[i], i))
-        self._slot_offsets, self._slot_bytes = self._plan_weight_slots()
+        self.fp8_weight_names = tuple(n for n in self.names if n in fp8_names)  # in named_params order
+        self._weights = WeightGather(self.params, self.partition.owner, self._by_owner,
+                                     [n in fp8_names for n in self.names],
+                                     rank=self.rank, world_size=self.world_size, group=group)
+        if fp8_names:
+            self._check_inner_master()
         self._skipped_steps = 0
         self._calls = 0
         self.last_step_skipped = False
@@ -200,18 +248,25 @@ class ZeroOptimizer:
         {"param_state": {name: {"state": inner state tensors as held, "group": hyperparameters}}
          for every owned parameter (state {} before its first step), "extra": the inner
          state_dict's other keys, "formats": {"optimizer": class, "state_formats": ...},
-         "skipped_steps", "step_calls", "world_size"}. Tensors alias the live state."""
+         "skipped_steps", "step_calls", "world_size"}. Tensors alias the live state.
+        An owned FP8 weight's entry also holds "weight_log2_scale" (0-d fp32): the scaling bias its
+        all-gather keeps when the amax is 0/inf/nan. Inside the per-name entry, it travels with the
+        parameter's state when a checkpoint is loaded on another world size."""
         param_state: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         if self.optimizer is not None:
             param_state, extra = named_state(self.optimizer, {id(p): n for n, p in zip(self.names, self.params)})
+        for i, log2_scale in self._weights.log2_scales.items():
+            param_state.setdefault(self.names[i], {})["weight_log2_scale"] = log2_scale
         return {"param_state": param_state, "extra": extra, "formats": optimizer_formats(self.optimizer),
                 "skipped_steps": self._skipped_steps, "step_calls": self._calls, "world_size": self.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the entries this rank owns NOW from ``state_dict["param_state"]``, which may hold any
         set of names (one rank's ``state_dict()`` or several merged, saved at any world size).
-        ValueError names an owned parameter that has no entry, or a format mismatch."""
+        ValueError names an owned parameter that has no entry, or a format mismatch. An owned FP8
+        weight whose entry has no "weight_log2_scale" (saved without ``fp8_weight_names``) keeps its
+        current bias: it is only the fallback for an amax of 0/inf/nan, the next step sets a fresh one."""
         where = "ZeroOptimizer.load_state_dict"
         saved, mine = state_dict.get("formats", {}), optimizer_formats(self.optimizer)
         if self.optimizer is not None and saved.get("optimizer") is not None:
@@ -221,6 +276,10 @@ class ZeroOptimizer:
         if self.optimizer is not None:
             load_named_state(self.optimizer, {id(p): n for n, p in zip(self.names, self.params)},
                              state_dict["param_state"], state_dict.get("extra", {}), where)
+        for i, log2_scale in self._weights.log2_scales.items():
+            saved_log2 = state_dict["param_state"].get(self.names[i], {}).get("weight_log2_scale")
+            if saved_log2 is not None:
+                log2_scale.copy_(saved_log2.reshape(()))
         self._skipped_steps = int(state_dict["skipped_steps"])
         self._calls = int(state_dict["step_calls"])
 
@@ -263,8 +322,8 @@ class ZeroOptimizer:
             self.last_grad_norm = self._clip_(self.config.max_grad_norm)
         if self.optimizer is not None:
             self.optimizer.step()
-        self._all_gather_weights()
-        return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm)
+        weight_bytes = self._weights.all_gather_()
+        return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm, weight_bytes_sent=weight_bytes)
 
     def _reduce_scatter_(self, grads: list[torch.Tensor], quant_stats: bool) -> CommStats:
         """Stage 2: owners' ``.grad`` replaced by the mean (in the gradient's dtype), others freed."""
@@ -314,38 +373,19 @@ class ZeroOptimizer:
             torch._foreach_mul_(owned, coef)
         return norm
 
-    # ---- weights ---------------------------------------------------------------------------------
+    # ---- weights (the all-gather itself: comm/_weights.py) ---------------------------------------
 
-    def _plan_weight_slots(self) -> tuple[list[int], int]:
-        """Byte offset of each parameter inside its owner's slot, and the slot size (the largest
-        rank's owned bytes, each parameter aligned to _SLOT_ALIGN_BYTES)."""
-        offsets = [0] * len(self.params)
-        used = [0] * self.world_size
-        for i in self._by_owner:
-            r = self.partition.owner[i]
-            offsets[i] = used[r]
-            nbytes = self.params[i].numel() * self.params[i].element_size()
-            used[r] += -(-nbytes // _SLOT_ALIGN_BYTES) * _SLOT_ALIGN_BYTES
-        return offsets, max(used)
-
-    def _weight_view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        start = self._slot_offsets[i]
-        return buf[start:start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-
-    def _all_gather_weights(self) -> None:
-        """Every rank gets the owners' new weights, byte for byte, in one all-gather."""
-        if self._slot_bytes == 0:
-            return
-        device = self.params[0].device
-        mine = torch.zeros(self._slot_bytes, dtype=torch.uint8, device=device)
-        for i in self._owned:
-            self._weight_view(mine, i).copy_(self.params[i])
-        gathered = torch.empty(self.world_size * self._slot_bytes, dtype=torch.uint8, device=device)
-        # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, mine, group=self.group)
-        for i, p in enumerate(self.params):
-            r = self.partition.owner[i]
-            if r != self.rank:
-                p.copy_(self._weight_view(gathered[r * self._slot_bytes:(r + 1) * self._slot_bytes], i))
+    def _check_inner_master(self) -> None:
+        """FP8 weights need an inner optimizer with its own master (see ``inner_master_problem``).
+        Checked where it matters, on the owners of FP8 parameters, then agreed with one all_reduce,
+        so that every rank raises (none is left waiting in a later collective)."""
+        problem = None
+        if self.optimizer is not None and any(self._weights.fp8[i] for i in self._owned):
+            problem = inner_master_problem(self.optimizer)
+        failed = torch.zeros(self.world_size, dtype=torch.int32, device=self.params[0].device)
+        failed[self.rank] = problem is not None
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=self.group)
+        if failed.any():
+            got = problem or f"not so on rank(s) {[r for r in range(self.world_size) if failed[r]]}"
+            raise ValueError("ZeroOptimizer.fp8_weight_names needs an inner optimizer that keeps its own master "
+                             f"weight (Fp8AdamW with master_dtype 'fp16', 'bf16' or 'fp32'); got {got}")
