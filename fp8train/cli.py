@@ -48,15 +48,24 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _check_group_choices(argv: list[str]) -> None:
-    """Reject ``group=option`` for options that do not exist with one line listing the allowed ones
-    (Hydra's own message spans several lines). Sweeps (``a,b``) are checked item by item."""
+def _check_overrides(argv: list[str]) -> None:
+    """Reject ``group=option`` for options that do not exist and ``a.b=v`` for keys that do not, with
+    one line listing the allowed ones (Hydra's own messages span several lines). Sweeps (``a,b``)
+    are checked item by item; ``hydra.*`` is Hydra's."""
+    from fp8train.trainer.config import unknown_key_message
+
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
-        if key not in _GROUPS or value in ("null", ""):
+        if key.split(".")[0] == "hydra":
+            continue
+        if key not in _GROUPS:
+            if (message := unknown_key_message(key)) is not None:
+                _fail(message)
+            continue
+        if value in ("null", ""):
             continue
         allowed = group_options(key)
         items = value.removeprefix("choice(").removesuffix(")").split(",")
@@ -101,7 +110,7 @@ def main() -> None:
     import hydra
 
     argv = _strip_launcher_args(sys.argv[1:])
-    _check_group_choices(argv)
+    _check_overrides(argv)
     sys.argv = [sys.argv[0], *argv]
     hydra.main(version_base="1.3", config_path="pkg://fp8train.configs", config_name="config")(_task)()
 

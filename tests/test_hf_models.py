@@ -154,18 +154,18 @@ BAD_CONFIG_CLASSES = [  # (case, config_class, message fragment)
 @pytest.mark.parametrize(("case", "config_class", "message"), BAD_CONFIG_CLASSES,
                          ids=[c[0] for c in BAD_CONFIG_CLASSES])
 def test_bad_config_class_is_a_one_line_error_naming_the_field(case: str, config_class, message: str) -> None:
-    with pytest.raises(ValueError, match=f"model.config_class={config_class!r}") as err:
+    with pytest.raises(ValueError, match=f"model.config._target_={config_class!r}") as err:
         build_hf_causal_lm(config_class, TINY, vocab_size=VOCAB, block_size=BLOCK)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 BAD_KWARGS = [  # (case, extra kwargs, message fragment)
     ("vocab below the data's", dict(vocab_size=100),
-     "model.config_kwargs.vocab_size=100 is smaller than the data's vocab_size=256"),
+     "model.config.vocab_size=100 is smaller than the data's vocab_size=256"),
     ("positions below block", dict(max_position_embeddings=32),
-     "model.config_kwargs.max_position_embeddings=32 is smaller than the data's block_size=64"),
-    ("dtype", dict(dtype="bfloat16"), "model.config_kwargs.dtype='bfloat16' is not allowed"),
-    ("torch_dtype", dict(torch_dtype="float16"), "model.config_kwargs.torch_dtype='float16' is not allowed"),
+     "model.config.max_position_embeddings=32 is smaller than the data's block_size=64"),
+    ("dtype", dict(dtype="bfloat16"), "model.config.dtype='bfloat16' is not allowed"),
+    ("torch_dtype", dict(torch_dtype="float16"), "model.config.torch_dtype='float16' is not allowed"),
 ]
 
 

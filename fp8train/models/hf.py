@@ -30,8 +30,8 @@ from fp8train._validate import check_int_range
 
 __all__ = ["HfCausalLM", "build_hf_causal_lm"]
 
-_CONFIG_FIELD = "model.config_class"
-_KWARGS_FIELD = "model.config_kwargs"
+_CONFIG_FIELD = "model.config._target_"
+_KWARGS_FIELD = "model.config"
 _EXAMPLE = "expected a transformers config class such as 'transformers.LlamaConfig'"
 # Config fields fp8train sets from the data; the names differ between architectures.
 _VOCAB_FIELDS = ("vocab_size",)
@@ -79,7 +79,7 @@ def _import_transformers() -> Any:
 
 
 def _resolve_config_class(path: Any, transformers: Any) -> type:
-    """The class named by the dotted path ``path``; ValueError naming model.config_class if it
+    """The class named by the dotted path ``path``; ValueError naming model.config._target_ if it
     cannot be imported or is not a transformers PretrainedConfig subclass."""
     if not isinstance(path, str) or "." not in path:
         raise ValueError(f"{_CONFIG_FIELD}={path!r} is not a dotted path; {_EXAMPLE}")

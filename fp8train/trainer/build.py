@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fp8train._typed import ConfigError
 from fp8train.models import GPT, Llama
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig
@@ -30,8 +31,11 @@ def build_model(cfg: ModelConfig, *, seed: int, device: torch.device) -> nn.Modu
         from fp8train.models.hf import build_hf_causal_lm  # transformers is an optional extra
 
         kwargs = {k: v for k, v in spec.config.items() if k != "_target_"}
-        model = build_hf_causal_lm(spec.config["_target_"], kwargs, vocab_size=spec.vocab_size,
-                                   block_size=spec.block_size)
+        try:
+            model = build_hf_causal_lm(spec.config["_target_"], kwargs, vocab_size=spec.vocab_size,
+                                       block_size=spec.block_size)
+        except (ValueError, ImportError) as e:  # a bad class path or kwargs: the config's fault
+            raise ConfigError(str(e).splitlines()[0]) from None
     else:  # unreachable: ModelConfig.spec is typed
         raise TypeError(f"unknown model spec {type(spec).__name__}")
     return model.to(device)

@@ -8,7 +8,9 @@ turns a composed (plain) config tree into a ``TrainConfig`` with one-line errors
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from fp8train.precision import PrecisionConfig
 __all__ = [
     "CheckpointConfig", "HfModelConfig", "LauncherConfig", "LoggingConfig", "LoopConfig", "ModelConfig",
     "OptimConfig", "ParallelConfig", "TrainConfig", "train_config_from_mapping", "train_config_to_mapping",
+    "unknown_key_message",
 ]
 
 
@@ -148,19 +151,24 @@ class LoopConfig:
     """steps: optimizer steps; micro_batch_size: sequences per rank per micro-step; grad_accum_steps:
     micro-steps per optimizer step (gradients accumulate in high precision and are quantized once);
     eval_every: validation every k steps (0: only at the end); eval_batches: micro-batches per rank
-    per validation. Tokens per step = micro_batch_size x block_size x grad_accum_steps x world size."""
+    per validation; stop_after: end this invocation after this step (saving a checkpoint), with the
+    schedule still planned for ``steps``: a later run with resume=auto continues (time-limited jobs).
+    Tokens per step = micro_batch_size x block_size x grad_accum_steps x world size."""
 
     steps: int = 200
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     eval_every: int = 50
     eval_batches: int = 8
+    stop_after: int | None = None
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 1), ("micro_batch_size", 1), ("grad_accum_steps", 1), ("eval_every", 0),
                          ("eval_batches", 1)):
             if getattr(self, name) < lo:
                 raise ValueError(f"LoopConfig.{name}={getattr(self, name)} is out of range; allowed: integers >= {lo}")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            raise ValueError(f"LoopConfig.stop_after={self.stop_after} is out of range; allowed: null or 1..steps")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -259,3 +267,29 @@ def train_config_to_mapping(cfg: TrainConfig) -> dict[str, Any]:
     out = to_plain(cfg)
     out["model"] = {"name": cfg.model.name, "arch": cfg.model.arch, **to_plain(cfg.model.spec)}
     return out
+
+
+def unknown_key_message(dotted_key: str) -> str | None:
+    """None if ``dotted_key`` (e.g. "optim.lr") names a TrainConfig field, else the one-line error
+    ``train_config_from_mapping`` would give. Model keys are checked against every architecture
+    (which one applies is known only after composition); mappings (model.config) take any key."""
+    parts = dotted_key.split(".")
+    if parts[0] == "model":
+        if len(parts) == 1 or parts[1] == "config":
+            return None
+        allowed = ["name", "arch", *dict.fromkeys(f for cls in ARCHS.values() for f in cls.__dataclass_fields__)]
+        if parts[1] in allowed and len(parts) == 2:
+            return None
+        return f"unknown config key {dotted_key!r}; allowed keys under model: {', '.join(allowed)}"
+    cls: Any = TrainConfig
+    for depth, part in enumerate(parts):
+        fields = {f: t for f, t in typing.get_type_hints(cls).items() if f in cls.__dataclass_fields__}
+        if part not in fields:
+            where = ".".join(parts[:depth])
+            return (f"unknown config key {dotted_key!r}; allowed keys{' under ' + where if where else ''}: "
+                    + ", ".join(fields))
+        cls = fields[part]
+        if not dataclasses.is_dataclass(cls):
+            return None if depth == len(parts) - 1 or typing.get_origin(cls) is dict else \
+                f"unknown config key {dotted_key!r}: {'.'.join(parts[:depth + 1])} has no sub-keys"
+    return None

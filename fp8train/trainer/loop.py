@@ -69,7 +69,8 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
     model.train()
     interval = {"loss": torch.zeros((), dtype=torch.float64, device=env.device), "steps": 0, "comm": 0,
                 "norm": None, "t0": time.perf_counter()}
-    while state.step < loop.steps:
+    end = loop.steps if loop.stop_after is None else loop.stop_after
+    while state.step < end:
         strategy.set_lr(lr := lr_at(state.step, cfg.optim, loop.steps))
         step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for micro in range(accum):
@@ -87,7 +88,7 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
         interval["steps"] += 1
         interval["comm"] += outcome.comm_bytes
         interval["norm"] = outcome.grad_norm if outcome.grad_norm is not None else interval["norm"]
-        done = state.step == loop.steps
+        done = state.step == end
         if state.step % log.log_every == 0 or done:
             state.last_train_loss = _mean_over_ranks(interval["loss"]) / interval["steps"]
             seconds = time.perf_counter() - interval["t0"]

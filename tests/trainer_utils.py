@@ -1,0 +1,46 @@
+"""Helpers for trainer tests: tiny configs, CLI subprocesses, metrics without timing fields."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from fp8train.trainer.config import TrainConfig, train_config_from_mapping
+from fp8train.trainer.monitor import read_metrics
+
+# wall-clock fields differ between any two runs; everything else must match bit for bit
+TIMING_KEYS = ("train/tokens_per_s", "train/memory_mib")
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> TrainConfig:
+    """The ``smoke`` experiment (20 steps of a 1-layer GPT) composed like the CLI does."""
+    with initialize_config_module(config_module="fp8train.configs", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=smoke", "logging.progress=false",
+                                                        f"run_dir={run_dir}", *overrides])
+    return train_config_from_mapping(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+
+
+def metrics_without_timing(run_dir: Path) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run_dir)]
+
+
+def cli_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, WANDB_SILENT="true", OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(cache_dir))
+    env.pop("WANDB_MODE", None)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, cache_dir: Path, *, torchrun_nproc: int | None = None,
+            timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``fp8train ARGS`` (or ``torchrun --standalone --nproc-per-node=N -m fp8train ARGS``) in ``cwd``."""
+    if torchrun_nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun_nproc}",
+               "-m", "fp8train", *args]
+    else:
+        cmd = [sys.executable, "-m", "fp8train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=timeout)
