@@ -109,19 +109,22 @@ class ParallelConfig:
 @dataclass(kw_only=True, slots=True)
 class LoggingConfig:
     """wandb: "offline" (files under run_dir/wandb, ``wandb sync`` later) | "online" | "disabled";
-    project: wandb project; log_every: console/metrics/wandb line every k steps; fp8_stats_every:
+    project: wandb project; log_every: metrics.jsonl / wandb record every k steps; console_every:
+    console line every k steps (and at every validation); fp8_stats_every:
     per-FP8-tensor scaling bias and amax every k steps (0: never); progress: tqdm bar on rank 0."""
 
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "fp8train"
     log_every: int = 10
+    console_every: int = 50
     fp8_stats_every: int = 10
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.log_every < 1 or self.fp8_stats_every < 0:
-            raise ValueError(f"LoggingConfig.log_every={self.log_every} / fp8_stats_every={self.fp8_stats_every} "
-                             "out of range; allowed: log_every >= 1, fp8_stats_every >= 0")
+        if self.log_every < 1 or self.console_every < 1 or self.fp8_stats_every < 0:
+            raise ValueError(f"LoggingConfig.log_every={self.log_every} / console_every={self.console_every} / "
+                             f"fp8_stats_every={self.fp8_stats_every} out of range; allowed: log_every >= 1, "
+                             "console_every >= 1, fp8_stats_every >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

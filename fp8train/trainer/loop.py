@@ -101,7 +101,7 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
                 metrics["train/grad_norm"] = interval["norm"]
             if log.fp8_stats_every and state.step % log.fp8_stats_every == 0:
                 metrics.update(fp8_scaling_metrics(model))
-            monitor.log(state.step, metrics)
+            monitor.log(state.step, metrics, console=state.step % log.console_every == 0 or done)
             interval.update(loss=torch.zeros_like(interval["loss"]), steps=0, comm=0, t0=time.perf_counter())
         elif log.fp8_stats_every and state.step % log.fp8_stats_every == 0:
             monitor.log(state.step, fp8_scaling_metrics(model), console=False)
