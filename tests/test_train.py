@@ -102,6 +102,6 @@ def test_hydra_sweep_runs_every_combination(tmp_path, cache_dir):
                     "logging.progress=false", f"hydra.sweep.dir={sweep_dir}"], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
-    assert len(runs) == 2 and runs[0].startswith("gpt_tiny-fp32") and runs[1].startswith("gpt_tiny-fp8_o2"), runs
+    assert len(runs) == 2 and "precision=fp32" in runs[0] and "precision=fp8_o2" in runs[1], runs
     for run in runs:
         assert latest_checkpoint(sweep_dir / run).name == "step_00000003"
