@@ -35,7 +35,7 @@ CASES = [
     ("data_token_beyond_vocab", ["data=custom", "data.path=ids.bin", "data.bin_dtype=uint16"],
      {"ids.bin": (300).to_bytes(2, "little") * 5000}, "holds token id 300, which does not fit model.vocab_size=256"),
     ("resume_not_a_checkpoint", ["resume=not_a_dir"], {}, "resume='not_a_dir' is not a complete checkpoint"),
-    ("bad_model_shape", ["model.n_head=3"], {}, "n_embd=64 must be divisible by n_head=3"),
+    ("bad_model_shape", ["model.n_head=3"], {}, "n_embd=128 must be divisible by n_head=3"),
 ]
 
 

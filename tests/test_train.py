@@ -1,5 +1,5 @@
 """End-to-end training runs: every precision preset, bit-exact resume, torchrun with 2 processes,
-Hydra sweeps. Runs are tiny (experiment=smoke: 20 steps of a 1-layer GPT on the bundled corpus)."""
+Hydra sweeps. Runs are tiny (experiment=smoke: 20 steps of 4 x 64 tokens on the bundled corpus)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_each_precision_preset_trains_and_checkpoints(tmp_path, cache_dir, prese
     assert "train/loss" in logged and "val/loss" in logged
     bias_keys = {k for k in logged if k.endswith("/scaling_bias")}
     if preset.startswith("fp8"):
-        # every FP8 tensor role of every converted layer (1 block: c_attn, c_proj, c_fc, mlp.c_proj)
-        assert len(bias_keys) == 4 * 3, sorted(bias_keys)
+        # every FP8 tensor role of every converted layer (2 blocks: c_attn, c_proj, c_fc, mlp.c_proj)
+        assert len(bias_keys) == 2 * 4 * 3, sorted(bias_keys)
         values = [row[k] for row in rows for k in bias_keys if k in row]
         assert all(float(v).is_integer() for v in values)  # power-of-two scales: integer biases
     else:
@@ -105,3 +105,17 @@ def test_hydra_sweep_runs_every_combination(tmp_path, cache_dir):
     assert len(runs) == 2 and "precision=fp32" in runs[0] and "precision=fp8_o2" in runs[1], runs
     for run in runs:
         assert latest_checkpoint(sweep_dir / run).name == "step_00000003"
+
+
+@pytest.mark.parametrize("model", ["llama_tiny", "hf"])
+def test_other_models_train_in_fp8_through_the_same_conversion(tmp_path, cache_dir, model):
+    if model == "hf":
+        pytest.importorskip("transformers")  # the hf extra; installed by make test / CI
+    cfg = tiny_config(tmp_path / "run", f"model={model}", "train.steps=6",
+                      "checkpoint.every=0", "logging.log_every=1", f"data.cache_dir={cache_dir}")
+    result = train(cfg)
+    losses = _losses(tmp_path / "run")
+    assert result.step == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    biases = {k for r in read_metrics(tmp_path / "run") for k in r if k.endswith("/weight/scaling_bias")}
+    assert len(biases) >= 2 * 4  # attention and MLP projections of both layers run in FP8
+    assert not any("lm_head" in k for k in biases)  # the output head stays in high precision

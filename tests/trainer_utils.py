@@ -18,7 +18,7 @@ TIMING_KEYS = ("train/tokens_per_s", "train/memory_mib")
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> TrainConfig:
-    """The ``smoke`` experiment (20 steps of a 1-layer GPT) composed like the CLI does."""
+    """The ``smoke`` experiment (20 short steps of gpt_tiny) composed like the CLI does."""
     with initialize_config_module(config_module="fp8train.configs", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=smoke", "logging.progress=false",
                                                         f"run_dir={run_dir}", *overrides])
