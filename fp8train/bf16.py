@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fp8train.convert import replace_submodules
 from fp8train.linear import Fp8Linear
 
 __all__ = ["Bf16Linear", "bf16_autocast", "convert_to_bf16_emulated", "round_to_bf16"]
@@ -119,11 +120,7 @@ def convert_to_bf16_emulated(
         if module_filter_fn is not None and not module_filter_fn(module, fqn):
             continue
         targets.append(fqn)
-    for fqn in targets:
-        parent_name, _, child_name = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, Bf16Linear.from_linear(getattr(parent, child_name)))
-    return model
+    return replace_submodules(model, targets, Bf16Linear.from_linear)
 
 
 def bf16_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -9,7 +9,7 @@ from torch import nn
 from fp8train.config import Fp8Config
 from fp8train.linear import Fp8Linear
 
-__all__ = ["FP8_DIM_MULTIPLE", "convert_to_fp8", "is_fp8_eligible"]
+__all__ = ["FP8_DIM_MULTIPLE", "convert_to_fp8", "is_fp8_eligible", "replace_submodules"]
 
 # FP8 tensor cores (and torch._scaled_mm) need both GEMM dims of the weight to be multiples of 16.
 FP8_DIM_MULTIPLE = 16
@@ -53,8 +53,13 @@ def convert_to_fp8(
         if module_filter_fn is not None and not module_filter_fn(module, fqn):
             continue
         targets.append(fqn)
-    for fqn in targets:
+    return replace_submodules(model, targets, lambda linear: Fp8Linear.from_linear(linear, config))
+
+
+def replace_submodules(model: nn.Module, fqns: list[str], make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Set each submodule named in ``fqns`` to ``make(old submodule)``, in place; returns model."""
+    for fqn in fqns:
         parent_name, _, child_name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, Fp8Linear.from_linear(getattr(parent, child_name), config))
+        setattr(parent, child_name, make(getattr(parent, child_name)))
     return model

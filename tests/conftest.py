@@ -30,3 +30,22 @@ def hp_tol(dtype: torch.dtype) -> dict[str, float]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def markov_train_losses(model: torch.nn.Module, steps: int, *, lr: float = 3e-3) -> list[float]:
+    """Per-step losses of ``model`` (vocab 64, block 32) trained with AdamW on synthetic Markov
+    tokens; the same data and batch order for every call, so two models compare step by step."""
+    from fp8train.synthetic import MarkovTokens
+
+    data = MarkovTokens(64, 32, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x, y = data.batch(16, gen)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import markov_train_losses
 from fp8train import Fp8Linear, convert_to_fp8
 from fp8train.bf16 import Bf16Linear, bf16_autocast, convert_to_bf16_emulated, round_to_bf16
 from fp8train.models import GPT, GPTConfig
-from fp8train.synthetic import MarkovTokens
 
 
 def _r(t: torch.Tensor) -> torch.Tensor:
@@ -178,22 +178,11 @@ def test_bf16_autocast_runs_linear_in_bf16_on_cuda() -> None:
 
 
 def _train_gpt(bf16: bool, steps: int = 30) -> list[float]:
-    data = MarkovTokens(64, 32, seed=0)
     torch.manual_seed(0)
     model = _gpt()
     if bf16:
         convert_to_bf16_emulated(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x, y = data.batch(16, gen)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return markov_train_losses(model, steps)
 
 
 def test_gpt_trains_in_emulated_bf16_like_fp32() -> None:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import markov_train_losses
 from fp8train import Fp8Config, Fp8Linear, convert_to_fp8
 from fp8train.models import GPT, GPTConfig
-from fp8train.synthetic import MarkovTokens
 
 
 class _Net(nn.Module):
@@ -107,22 +107,11 @@ def test_e4m3_output_gradients_warn() -> None:
 
 
 def _train_gpt(fp8: bool, steps: int = 100) -> list[float]:
-    data = MarkovTokens(64, 32, seed=0)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=64))
     if fp8:
         convert_to_fp8(model, config=Fp8Config(recipe="current", backend="emulated"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x, y = data.batch(16, gen)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return markov_train_losses(model, steps)
 
 
 @pytest.mark.slow

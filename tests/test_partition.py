@@ -4,7 +4,6 @@ on a GPT-shaped model, and the same partition on every rank of a gloo group."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fp8train.comm import Partition, partition_parameters
 from fp8train.models import GPT, GPTConfig

@@ -83,7 +83,7 @@ def test_torchrun_two_processes(tmp_path, cache_dir, preset):
     proc = run_cli(["experiment=smoke", f"precision={preset}", "logging=wandb_offline", "logging.progress=false",
                     f"hydra.run.dir={run_dir}"], tmp_path, cache_dir, torchrun_nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"on 2 x cpu" in proc.stdout
+    assert "on 2 x cpu" in proc.stdout
     final = run_dir / "checkpoints/step_00000020"
     files = sorted(p.name for p in final.iterdir())
     assert {"rank0.pt", "rank1.pt", "trainer.json", "model.pt"} <= set(files)

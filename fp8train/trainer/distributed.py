@@ -57,7 +57,8 @@ def _ranks(cfg: LauncherConfig) -> tuple[int, int, int, int]:
         nodes = _env_int("SLURM_NNODES", 1)
         return _env_int("SLURM_PROCID"), world, _env_int("SLURM_LOCALID"), max(1, world // nodes)
     world = _env_int("WORLD_SIZE", 1)
-    return _env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world)
+    local_world = _env_int("LOCAL_WORLD_SIZE", _env_int("LOCAL_SIZE", world))  # LOCAL_SIZE: the DeepSpeed launcher's
+    return _env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0), local_world
 
 
 def _device(cfg: LauncherConfig, local_rank: int) -> torch.device:
