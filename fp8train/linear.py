@@ -122,6 +122,6 @@ class Fp8Linear(nn.Linear):
         scaling_prefixes = tuple(f"{prefix}{role}." for role in _SCALING_ROLES)
         if not any(key.startswith(scaling_prefixes) for key in state_dict):
             for role in _SCALING_ROLES:
-                for name, buf in getattr(self, role).named_buffers():
+                for name, buf in getattr(self, role).state_dict().items():  # persistent buffers only
                     state_dict[f"{prefix}{role}.{name}"] = buf.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

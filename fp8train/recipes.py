@@ -10,13 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8train.cast import cast_to_fp8
+from fp8train.cast import cast_to_fp8, quantization_stats
 from fp8train.config import Fp8Config
 from fp8train.formats import Fp8Format
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 from fp8train.tensor import Fp8Tensor
 
 __all__ = ["ScalingState"]
+
+_STAT_BUFFERS = ("stat_numel", "stat_nonzero", "stat_saturated", "stat_underflowed")
 
 
 class ScalingState(nn.Module):
@@ -28,6 +30,11 @@ class ScalingState(nn.Module):
     n_casts:          () int64, casts so far.
     n_amax_zero:      () int64, casts whose amax was 0 (previous scale kept).
     n_amax_nonfinite: () int64, casts whose amax was inf/nan (previous scale kept; overflow).
+
+    Monitoring (non-persistent, not checkpointed): while ``sample_stats`` is True every cast also
+    counts its elements into ``stat_numel``, ``stat_nonzero``, ``stat_saturated`` (|x * scale| >
+    fmax, clamped) and ``stat_underflowed`` (x != 0 that became 0): a few extra passes over the
+    tensor, so a monitor switches it on only for sampled steps (``reset_stats`` zeroes the counts).
     """
 
     def __init__(self, fmt: Fp8Format, config: Fp8Config, *, device: torch.device | str | None = None) -> None:
@@ -46,6 +53,20 @@ class ScalingState(nn.Module):
         self.register_buffer("n_casts", torch.zeros((), **i64))
         self.register_buffer("n_amax_zero", torch.zeros((), **i64))
         self.register_buffer("n_amax_nonfinite", torch.zeros((), **i64))
+        self.sample_stats = False
+        for name in _STAT_BUFFERS:
+            self.register_buffer(name, torch.zeros((), **i64), persistent=False)
+
+    def reset_stats(self) -> None:
+        for name in _STAT_BUFFERS:
+            getattr(self, name).zero_()
+
+    def _count(self, x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor) -> None:
+        stats = quantization_stats(x_hp, scale, x_fp8, self.fmt)
+        self.stat_numel += stats.numel
+        self.stat_nonzero += (x_hp != 0).sum()
+        self.stat_saturated += stats.saturated
+        self.stat_underflowed += stats.underflowed
 
     def extra_repr(self) -> str:
         return f"fmt={self.fmt.name}, recipe={self.recipe}, history={self.amax_history.numel()}"
@@ -87,4 +108,6 @@ class ScalingState(nn.Module):
                                                          prev_log2_scale=log2_scale))
         scale = torch.exp2(log2_scale)
         x_fp8 = cast_to_fp8(x_hp, scale, self.fmt, fast=self.fast_cast)
+        if self.sample_stats:
+            self._count(x_hp, scale, x_fp8)
         return Fp8Tensor(data=x_fp8, scale_inv=torch.exp2(-log2_scale), orig_dtype=x_hp.dtype)

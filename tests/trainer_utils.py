@@ -14,7 +14,7 @@ from fp8train.trainer.config import TrainConfig, train_config_from_mapping
 from fp8train.trainer.monitor import read_metrics
 
 # wall-clock fields differ between any two runs; everything else must match bit for bit
-TIMING_KEYS = ("train/tokens_per_s", "train/memory_mib")
+TIMING_KEYS = ("train/tokens_per_s", "train/memory_mib", "train/monitor_s")
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> TrainConfig:

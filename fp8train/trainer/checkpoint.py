@@ -73,7 +73,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 def _scaling_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{fqn}.{name}": buf for fqn, m in model.named_modules() if isinstance(m, ScalingState)
-            for name, buf in m.named_buffers(recurse=False)}
+            for name, buf in m.state_dict().items()}
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

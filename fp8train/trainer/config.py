@@ -22,7 +22,7 @@ from fp8train.models.llama import LlamaConfig
 from fp8train.precision import PrecisionConfig
 
 __all__ = [
-    "CheckpointConfig", "HfModelConfig", "LauncherConfig", "LoggingConfig", "LoopConfig", "ModelConfig",
+    "CheckpointConfig", "HfModelConfig", "LauncherConfig", "LoggingConfig", "LoopConfig", "ModelConfig", "MonitorConfig",
     "OptimConfig", "ParallelConfig", "TrainConfig", "train_config_from_mapping", "train_config_to_mapping",
     "unknown_key_message",
 ]
@@ -110,21 +110,34 @@ class ParallelConfig:
 class LoggingConfig:
     """wandb: "offline" (files under run_dir/wandb, ``wandb sync`` later) | "online" | "disabled";
     project: wandb project; log_every: metrics.jsonl / wandb record every k steps; console_every:
-    console line every k steps (and at every validation); fp8_stats_every:
-    per-FP8-tensor scaling bias and amax every k steps (0: never); progress: tqdm bar on rank 0."""
+    console line every k steps (and at every validation); progress: tqdm bar on rank 0."""
 
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "fp8train"
     log_every: int = 10
     console_every: int = 50
-    fp8_stats_every: int = 10
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.log_every < 1 or self.console_every < 1 or self.fp8_stats_every < 0:
-            raise ValueError(f"LoggingConfig.log_every={self.log_every} / console_every={self.console_every} / "
-                             f"fp8_stats_every={self.fp8_stats_every} out of range; allowed: log_every >= 1, "
-                             "console_every >= 1, fp8_stats_every >= 0")
+        if self.log_every < 1 or self.console_every < 1:
+            raise ValueError(f"LoggingConfig.log_every={self.log_every} / console_every={self.console_every} out "
+                             "of range; allowed: integers >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class MonitorConfig:
+    """FP8 scale dynamics (fp8train.monitor_stats). every: sample every k steps (0: never): scaling
+    bias, amax, saturated and underflowed fractions of every FP8 tensor role and Fp8AdamW's state
+    scales; histograms: also log wandb histograms of the bias across layers per linear type; plots:
+    write PNG plots (fp8train.monitor_plots) into run_dir/plots at the end of the run."""
+
+    every: int = 10
+    histograms: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"MonitorConfig.every={self.every} is out of range; allowed: integers >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -205,6 +218,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -18,7 +18,9 @@ from fp8train.data import WindowSampler, validation_windows
 from fp8train.trainer.checkpoint import save_checkpoint
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
-from fp8train.trainer.monitor import Monitor, fp8_scaling_metrics, peak_memory_mib
+from fp8train.monitor_stats import bias_histograms
+from fp8train.trainer.fp8_sampling import Fp8Sampler
+from fp8train.trainer.monitor import Monitor, peak_memory_mib
 from fp8train.trainer.schedule import lr_at
 
 __all__ = ["LoopState", "evaluate", "run_loop"]
@@ -67,19 +69,23 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
     val_batches = validation_windows(val_tokens, seq_len=cfg.block_size, batch_size=mb, n_batches=loop.eval_batches,
                                      rank=env.rank, world_size=env.world_size)
     model.train()
+    fp8 = Fp8Sampler(cfg, model, strategy)
     interval = {"loss": torch.zeros((), dtype=torch.float64, device=env.device), "steps": 0, "comm": 0,
                 "norm": None, "t0": time.perf_counter()}
     end = loop.steps if loop.stop_after is None else loop.stop_after
     while state.step < end:
         strategy.set_lr(lr := lr_at(state.step, cfg.optim, loop.steps))
         step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        fp8.start(state.step + 1)
         for micro in range(accum):
             x, y = sampler.next_batch(batch_size=mb, rank=env.rank, world_size=env.world_size)
             with strategy.accumulating(sync=micro == accum - 1), forward_ctx_factory():
                 _, loss = strategy.module(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True))
                 (loss / accum).backward()  # gradients accumulate in their own (high) precision
             step_loss += loss.detach().double()
+        fp8.before_update()
         outcome = strategy.step()
+        fp8_metrics = fp8.finish()
         strategy.zero_grad()
         state.step += 1
         state.tokens_seen += tokens_per_step
@@ -96,15 +102,17 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
                        "train/tokens_per_s": interval["steps"] * tokens_per_step / max(seconds, 1e-9),
                        "train/skipped_steps": state.skipped_steps,
                        "train/comm_bytes": interval["comm"] // interval["steps"],
-                       "train/memory_mib": peak_memory_mib(env.device), "train/epoch": sampler.epoch}
+                       "train/memory_mib": peak_memory_mib(env.device), "train/epoch": sampler.epoch,
+                       "train/monitor_s": fp8.seconds}
             if interval["norm"] is not None:
                 metrics["train/grad_norm"] = interval["norm"]
-            if log.fp8_stats_every and state.step % log.fp8_stats_every == 0:
-                metrics.update(fp8_scaling_metrics(model))
-            monitor.log(state.step, metrics, console=state.step % log.console_every == 0 or done)
+            monitor.log(state.step, {**metrics, **fp8_metrics}, console=state.step % log.console_every == 0 or done)
             interval.update(loss=torch.zeros_like(interval["loss"]), steps=0, comm=0, t0=time.perf_counter())
-        elif log.fp8_stats_every and state.step % log.fp8_stats_every == 0:
-            monitor.log(state.step, fp8_scaling_metrics(model), console=False)
+            fp8.seconds = 0.0
+        elif fp8_metrics:
+            monitor.log(state.step, fp8_metrics, console=False)
+        if fp8_metrics and cfg.monitor.histograms:
+            monitor.log_histograms(state.step, bias_histograms(fp8_metrics))
         if (loop.eval_every and state.step % loop.eval_every == 0) or done:
             state.last_val_loss = evaluate(model, val_batches, env, forward_ctx_factory())
             monitor.log(state.step, {"val/loss": state.last_val_loss})

@@ -3,10 +3,10 @@
 Metric names (wandb keys, JSON fields):
   train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/skipped_steps (overflow skips so
   far), train/comm_bytes (bytes this rank sent per step, mean over the interval), train/memory_mib
-  (peak: CUDA allocated on GPU, process RSS on CPU), val/loss;
-  fp8/{layer}/{role}/scaling_bias and fp8/{layer}/{role}/amax for every Fp8Linear layer and tensor
-  role (input, weight, grad_output): the power-of-two scale's exponent (the seed paper's scaling
-  bias) and the amax it was derived from, sampled every ``logging.fp8_stats_every`` steps.
+  (peak: CUDA allocated on GPU, process RSS on CPU), val/loss, train/monitor_s (seconds spent
+  collecting FP8 statistics in the interval);
+  fp8/{layer_type}/{role}/{stat}/L{layer}: FP8 scale dynamics every ``monitor.every`` steps (see
+  fp8train.monitor_stats), with wandb histograms fp8_hist/{layer_type}/{role} across layers.
 """
 
 from __future__ import annotations
@@ -18,31 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from fp8train._atomic import atomic_write_text
-from fp8train.linear import Fp8Linear
 from fp8train.trainer.config import LoggingConfig
 
-__all__ = ["METRICS_FILE", "Monitor", "fp8_scaling_metrics", "peak_memory_mib", "read_metrics"]
+__all__ = ["METRICS_FILE", "Monitor", "peak_memory_mib", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
-_ROLES = ("input", "weight", "grad_output")
-
-
-def fp8_scaling_metrics(model: nn.Module) -> dict[str, float]:
-    """Scaling bias and last amax of every FP8 tensor role, read with ONE host transfer."""
-    keys, values = [], []
-    for fqn, m in model.named_modules():
-        if isinstance(m, Fp8Linear):
-            for role in _ROLES:
-                state = getattr(m, f"{role}_scaling")
-                keys += [f"fp8/{fqn}/{role}/scaling_bias", f"fp8/{fqn}/{role}/amax"]
-                values += [state.log2_scale, state.amax_history[0]]
-    if not keys:
-        return {}
-    return dict(zip(keys, torch.stack([v.float() for v in values]).tolist()))
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -97,6 +80,14 @@ class Monitor:
             self.wandb_run.log(metrics, step=step)
         if console:
             self.print(f"step {step:>6} | {_console_line(metrics)}")
+
+    def log_histograms(self, step: int, values: dict[str, list[float]]) -> None:
+        """wandb histograms (metrics.jsonl already holds the values they are drawn from)."""
+        if self.wandb_run is not None and values:
+            import wandb
+
+            self.wandb_run.log({k: wandb.Histogram(v, num_bins=min(64, max(1, len(set(v)))))
+                                for k, v in values.items()}, step=step)
 
     def print(self, line: str) -> None:
         if self.active:

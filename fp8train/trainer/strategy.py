@@ -70,6 +70,10 @@ class DdpStrategy:
         self.max_grad_norm = cfg.optim.max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
 
+    @property
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
     def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
         return nullcontext() if sync else self.module.no_sync()
 
@@ -120,6 +124,11 @@ class ZeroStrategy:
         fp8_names = fp8_weight_names(model) if cfg.precision.fp8_weights else []
         self.zero = ZeroOptimizer(model.named_parameters(), lambda owned: build_optimizer(owned, cfg),
                                   config=zero_cfg, fp8_weight_names=fp8_names)
+
+    @property
+    def local_optimizer(self) -> torch.optim.Optimizer | None:
+        """This rank's inner optimizer (over its owned parameters; None if it owns none)."""
+        return self.zero.optimizer
 
     def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
         return nullcontext()  # gradients are synchronised in step()
