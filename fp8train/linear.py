@@ -104,6 +104,7 @@ class Fp8Linear(nn.Linear):
                  for role in _SCALING_ROLES}
         for role, state in fresh.items():
             getattr(self, role).load_state_dict(state.state_dict())
+            getattr(self, role).reset_stats()  # non-persistent: not in the state_dict
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}"

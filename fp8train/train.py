@@ -93,6 +93,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                              monitor=monitor, state=state, run_dir=run_dir,
                              forward_ctx_factory=forward_ctx,
                              trainer_state=trainer_state)
+            if cfg.monitor.plots and env.is_main:
+                from fp8train.monitor_plots import write_run_plots  # matplotlib: only when plotting
+
+                monitor.print(f"plots: {', '.join(p.name for p in write_run_plots([run_dir]))} in {run_dir / 'plots'}")
         finally:
             monitor.close()
     return TrainResult(run_dir=run_dir, step=state.step, train_loss=state.last_train_loss,
