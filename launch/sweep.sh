@@ -10,18 +10,18 @@
 # Where outputs go (configs/config.yaml): each run's directory is hydra.sweep.dir/hydra.sweep.subdir =
 # multirun/<overrides of that run>, e.g. multirun/experiment=smoke,precision=fp8_o2, relative to the current
 # directory. The name holds no timestamp, so running the sweep again resumes every run from its latest
-# checkpoint (resume=auto) and skips finished ones; the keys hydra.run.dir, hydra.sweep.dir, resume and
-# logging are left out of the name. Each run dir has metrics.jsonl (fp8train.trainer.monitor.read_metrics),
+# checkpoint (resume=auto) and skips finished ones; settings that do not change what a run computes
+# (resume, logging.*, monitor.*, launcher.timeout_s, ...: exclude_keys in configs/config.yaml) are left
+# out of the name. Each run dir has metrics.jsonl (fp8train.trainer.monitor.read_metrics),
 # config.yaml and checkpoints/; multirun/multirun.yaml records the sweep. With logging=wandb_offline the
 # runs also land in <run dir>/wandb for `wandb sync`.
 #
 # Variables:
 #   FP8TRAIN  the trainer command; default `fp8train` (e.g. "python -m fp8train")
 #
-# One process per run: Hydra's multirun does not combine with torchrun. Every rank runs the whole sweep, and
-# the second run's process group never comes up (tried: `torchrun --nproc-per-node=2 -m fp8train -m ...`
-# finishes run 1, then hangs). For multi-process sweeps loop in the shell, one torchrun per point:
-#   for p in fp32 bf16 fp8_o1 fp8_o2; do launch/single_node.sh precision=$p hydra.run.dir=multirun/precision=$p; done
+# Multi-process sweeps: every rank runs the whole sweep in the same order and the process group is kept
+# from one run to the next, so torchrun works too:
+#   FP8TRAIN="torchrun --standalone --nproc-per-node=2 -m fp8train" launch/sweep.sh experiment=smoke
 set -euo pipefail
 
 read -r -a fp8train <<< "${FP8TRAIN:-fp8train}"

@@ -100,10 +100,13 @@ def test_torchrun_two_processes(tmp_path, cache_dir, preset):
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # only rank 0 reports
 
 
-def test_hydra_sweep_runs_every_combination(tmp_path, cache_dir):
+@pytest.mark.parametrize("nproc", [None, 2], ids=["1_process", "torchrun_2_processes"])
+def test_hydra_sweep_runs_every_combination(tmp_path, cache_dir, nproc):
+    # under torchrun every rank runs the sweep; the process group must carry over between its runs
     sweep_dir = tmp_path / "multirun"
     proc = run_cli(["-m", "precision=fp32,fp8_o2", "experiment=smoke", "train.steps=3", "checkpoint.every=0",
-                    "logging.progress=false", f"hydra.sweep.dir={sweep_dir}"], tmp_path, cache_dir)
+                    "logging.progress=false", "monitor.plots=false", f"hydra.sweep.dir={sweep_dir}"], tmp_path,
+                   cache_dir, torchrun_nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(runs) == 2 and "precision=fp32" in runs[0] and "precision=fp8_o2" in runs[1], runs

@@ -143,7 +143,8 @@ class MonitorConfig:
 @dataclass(kw_only=True, slots=True)
 class LauncherConfig:
     """How this process joins the job. env: "torchrun" (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
-    MASTER_PORT as torchrun and the DeepSpeed launcher set them; none set = one process) |
+    MASTER_PORT, and LOCAL_WORLD_SIZE or the DeepSpeed launcher's LOCAL_SIZE, as those launchers set
+    them; none set = one process) |
     "slurm" (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, MASTER_ADDR/MASTER_PORT from the batch
     script); backend: "auto" (nccl on CUDA, else gloo) | "gloo" | "nccl"; device: "auto" (CUDA
     when available) | "cpu" | "cuda"; timeout_s: collective timeout in seconds; cpu_threads: torch

@@ -7,6 +7,7 @@ do at N = 1 exactly the quantization they do at N.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterator
@@ -90,6 +91,11 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+            # A launcher's group lives as long as the process: a second env:// init on the same
+            # store (the next run of a Hydra sweep under torchrun) would never rendezvous. Later
+            # runs in this process reuse it; it is destroyed at exit.
+            atexit.register(_destroy_if_initialized)
+            created = False
     else:
         rank, world = dist.get_rank(), dist.get_world_size()
     try:
@@ -97,6 +103,11 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree(ok: bool, what: str, device: torch.device) -> None:
