@@ -24,7 +24,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from fp8train._atomic import atomic_write, atomic_write_text
 from fp8train._typed import ConfigError
 from fp8train.data import load_token_data, validation_windows
+from fp8train.linear import Fp8Linear
 from fp8train.precision import apply_precision
 from fp8train.ptq import evaluate_lm, quantize_for_inference, track_fp8_casts
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
@@ -59,6 +60,10 @@ _CONFIG_SECTIONS = ("seed", "model", "data", "precision", "train")
 
 class UsageError(ValueError):
     """A bad command-line input: reported as one line, exit status 2."""
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,7 @@ def _load_config(run_dir: Path) -> TrainConfig:
             raise ValueError("not a mapping")
         return train_config_from_mapping({k: raw[k] for k in _CONFIG_SECTIONS if k in raw})
     except (yaml.YAMLError, ValueError, TypeError) as e:
-        raise UsageError(f"{path}: invalid run config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(f"{path}: invalid run config: {_first_line(e)}") from None
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> TrainedRun:
@@ -121,14 +126,14 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Train
         ckpt = ckpt.parent if ckpt.is_file() else ckpt
     model_file = ckpt / _MODEL_FILE
     if not model_file.is_file():
-        raise UsageError(f"--checkpoint={str(checkpoint if checkpoint is not None else ckpt)!r} holds no {_MODEL_FILE}; "
-                         "allowed: a checkpoint directory (checkpoints/step_*) or its model.pt")
+        shown = str(checkpoint if checkpoint is not None else ckpt)
+        raise UsageError(f"--checkpoint={shown!r} holds no {_MODEL_FILE}; allowed: a checkpoint directory "
+                         "(checkpoints/step_*) or its model.pt")
     try:
         state_dict = torch.load(model_file, map_location="cpu", weights_only=True)
         step = checkpoint_step(ckpt) if (ckpt / "trainer.json").is_file() else None
     except Exception as e:  # a truncated or foreign file: the input's fault
-        raise UsageError(f"cannot read {model_file}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
-            from None
+        raise UsageError(f"cannot read {model_file}: {type(e).__name__}: {_first_line(e)}") from None
     return TrainedRun(run_dir=run_dir, cfg=cfg, checkpoint=ckpt, step=step, state_dict=state_dict)
 
 
@@ -136,7 +141,7 @@ def _load(model: nn.Module, state_dict: dict[str, torch.Tensor], where: Path) ->
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise UsageError(f"{where}: the weights do not fit the run's model: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"{where}: the weights do not fit the run's model: {_first_line(e)}") from None
     return model
 
 
@@ -177,7 +182,7 @@ def passing_interval(biases: Sequence[int], passed: Sequence[bool]) -> tuple[int
 
 def _row(name: str, bias: int | None, loss: float, acc: float, ref_acc: float, casts: dict | None) -> dict[str, Any]:
     return {"variant": name, "bias": bias, "loss": loss, "accuracy": acc,
-            "relative_accuracy": acc / ref_acc if ref_acc > 0 else float("nan"), "casts": casts}
+            "relative_accuracy": acc / ref_acc if ref_acc > 0 else None, "casts": casts}
 
 
 def ptq_study(run: TrainedRun, biases: Sequence[int], *, n_batches: int, device: torch.device,
@@ -206,6 +211,9 @@ def ptq_study(run: TrainedRun, biases: Sequence[int], *, n_batches: int, device:
         bar.update()
         for recipe, bias in [("amax", None), *(("cscale", b) for b in biases)]:
             model = quantize_for_inference(_high_precision(run, device, trained_keys), recipe=recipe, bias=bias)
+            if not any(isinstance(m, Fp8Linear) for m in model.modules()):
+                raise UsageError(f"{cfg.model.name}: no linear layer besides the output head has both dims "
+                                 "multiples of 16; nothing to quantize")
             with track_fp8_casts(model) as tally:
                 loss, acc = evaluate_lm(model, batches)
             rows.append(_row("FP8-AMAX" if recipe == "amax" else "FP8-CSCALE", bias, loss, acc, ref_acc,
@@ -213,7 +221,7 @@ def ptq_study(run: TrainedRun, biases: Sequence[int], *, n_batches: int, device:
             bar.set_postfix_str(f"{recipe}{'' if bias is None else f' {bias:+d}'}: acc {acc:.4f}")
             bar.update()
     cscale = rows[2:]
-    passed = [r["relative_accuracy"] >= ACCURACY_THRESHOLD for r in cscale]
+    passed = [r["relative_accuracy"] is not None and r["relative_accuracy"] >= ACCURACY_THRESHOLD for r in cscale]
     interval = passing_interval(list(biases), passed)
     return {
         "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step,
@@ -234,25 +242,30 @@ def _pct(x: float | None) -> str:
 
 def format_report(study: dict[str, Any]) -> str:
     """The table (one row per model; * marks CSCALE biases that pass) and the bias interval."""
-    head = (f"{'model':<28} {'bias':>5} {'loss':>8} {'accuracy':>9} {'rel. acc %':>10} {'in sat %':>9} "
+    head = (f"{'model':<32} {'bias':>5} {'loss':>8} {'accuracy':>9} {'rel. acc %':>10} {'in sat %':>9} "
             f"{'in flush %':>10} {'w sat %':>8} {'w flush %':>9}")
     lines = [f"{study['run_dir']} (checkpoint {Path(study['checkpoint']).name}): validation, {study['tokens']} "
              f"tokens ({study['batches']} x {study['batch_size']} x {study['seq_len']}); output head in high precision",
              head, "-" * len(head)]
+    if study["trained_gemm"] == "fp8":
+        lines.insert(1, f"the run trained in FP8 ({study['trained_precision']}): the reference is the model as "
+                        "trained, FP8 layers with their checkpointed scales; AMAX and CSCALE re-quantize its fp32 "
+                        "weights")
     passing = set(study["passing_biases"])
     for row in [study["reference"], study["amax"], *study["cscale"]]:
         casts = row["casts"] or {}
         cin, cw = casts.get("input", {}), casts.get("weight", {})
         bias = "-" if row["variant"] != "FP8-CSCALE" else f"{row['bias']:+d}"
-        lines.append(f"{row['variant']:<28} {bias:>5} {row['loss']:>8.4f} {row['accuracy']:>9.4f} "
+        lines.append(f"{row['variant']:<32} {bias:>5} {row['loss']:>8.4f} {row['accuracy']:>9.4f} "
                      f"{_pct(row['relative_accuracy']):>10} {_pct(cin.get('saturated_fraction')):>9} "
                      f"{_pct(cin.get('underflowed_fraction')):>10} {_pct(cw.get('saturated_fraction')):>8} "
                      f"{_pct(cw.get('underflowed_fraction')):>9}"
                      + (" *" if row["variant"] == "FP8-CSCALE" and row["bias"] in passing else ""))
     amax = study["amax"]["casts"]
-    lines.append(f"FP8-AMAX chose biases {amax['input']['log2_scale_min']:+.0f}..{amax['input']['log2_scale_max']:+.0f} "
-                 f"for inputs, {amax['weight']['log2_scale_min']:+.0f}..{amax['weight']['log2_scale_max']:+.0f} "
-                 "for weights (sat = |x|*2^bias > 448, clamped; flush = nonzero x cast to 0)")
+    cin, cw = amax["input"], amax["weight"]
+    lines.append(f"FP8-AMAX chose biases {cin['log2_scale_min']:+.0f}..{cin['log2_scale_max']:+.0f} for inputs, "
+                 f"{cw['log2_scale_min']:+.0f}..{cw['log2_scale_max']:+.0f} for weights "
+                 "(sat = |x|*2^bias > 448, clamped; flush = nonzero x cast to 0)")
     target = f"FP8-CSCALE biases with accuracy >= {100 * study['threshold']:.1f} % of {study['reference']['variant']}"
     if study["interval"] is None:
         lines.append(f"{target}: none")
@@ -282,6 +295,9 @@ def plot_accuracy_vs_bias(study: dict[str, Any]) -> bytes:
     ax.axhline(ref["accuracy"], color="black", linestyle="--", label=f"{ref['variant']}: {ref['accuracy']:.4f}")
     ax.axhline(amax["accuracy"], color="tab:orange", linestyle=":", linewidth=2,
                label=f"FP8-AMAX: {amax['accuracy']:.4f}")
+    if study["interval"] is not None:
+        lo, hi = study["interval"]
+        ax.axvspan(lo - 0.25, hi + 0.25, color="tab:blue", alpha=0.08, label=f"passing biases [{lo:+d}, {hi:+d}]")
     ax.plot(biases, accs, "o-", color="tab:blue", label="FP8-CSCALE (constant bias)")
     ax.set_ylim(0, top)
     ax.set_xlabel("scaling bias k (every input and weight stored as x * 2^k in E4M3)")
@@ -289,7 +305,7 @@ def plot_accuracy_vs_bias(study: dict[str, Any]) -> bytes:
     step = "" if study["step"] is None else f", step {study['step']}"
     ax.set_title(f"FP8 post-training quantization: {Path(study['run_dir']).name}{step}")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower center", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

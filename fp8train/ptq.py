@@ -16,7 +16,7 @@ emulation: dequantize to fp32, fp32 matmul), and the result is rescaled by 2**-(
 power of two). With a constant bias the two ways to fail are visible directly:
   - too high a bias: |x| * 2**k > 448 saturates (clamps), so large activations and weights are lost;
   - too low a bias: |x| * 2**k < 2**-10 flushes to zero (underflow), so small values vanish.
-``track_fp8_casts`` counts both, per role, while a model evaluates.
+``track_fp8_casts`` counts both, per role, while a model evaluates (ScalingState's own counters).
 
 Kept in high precision: the output head by default (the logits feed a softmax over the vocabulary,
 where 3 mantissa bits cost the most; frameworks keep it too), linear layers whose dims are not
@@ -41,10 +41,8 @@ import torch
 from torch import nn
 
 from fp8train.bf16 import Bf16Linear
-from fp8train.cast import cast_to_fp8, quantization_stats
 from fp8train.config import Fp8Config
 from fp8train.convert import _output_head_fqn, convert_to_fp8, replace_submodules
-from fp8train.formats import E4M3
 from fp8train.linear import Fp8Linear
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
 
@@ -163,21 +161,17 @@ class RoleTally:
     def underflowed_fraction(self) -> float:
         return self.underflowed / self.numel if self.numel else 0.0
 
-    def add(self, x_hp: torch.Tensor, log2_scale: torch.Tensor) -> None:
-        scale = torch.exp2(log2_scale)
-        stats = quantization_stats(x_hp, scale, cast_to_fp8(x_hp, scale, E4M3), E4M3)
-        self.numel += stats.numel
-        self.saturated += int(stats.saturated)
-        self.underflowed += int(stats.underflowed)
-        self.log2_scale_min = min(self.log2_scale_min, float(log2_scale))
-        self.log2_scale_max = max(self.log2_scale_max, float(log2_scale))
+    def _note_log2_scale(self, log2_scale: torch.Tensor) -> None:
+        value = float(log2_scale)
+        self.log2_scale_min = min(self.log2_scale_min, value)
+        self.log2_scale_max = max(self.log2_scale_max, value)
 
     def as_dict(self) -> dict[str, float | int | None]:
-        finite = self.numel > 0
+        seen = self.numel > 0
         return {"numel": self.numel, "saturated_fraction": self.saturated_fraction,
                 "underflowed_fraction": self.underflowed_fraction,
-                "log2_scale_min": self.log2_scale_min if finite else None,
-                "log2_scale_max": self.log2_scale_max if finite else None}
+                "log2_scale_min": self.log2_scale_min if seen else None,
+                "log2_scale_max": self.log2_scale_max if seen else None}
 
 
 @dataclass(slots=True)
@@ -191,29 +185,41 @@ class Fp8CastTally:
         return {"input": self.input.as_dict(), "weight": self.weight.as_dict()}
 
 
+_COUNTERS = (("numel", "stat_numel"), ("saturated", "stat_saturated"), ("underflowed", "stat_underflowed"))
+
+
 @contextlib.contextmanager
 def track_fp8_casts(model: nn.Module) -> Iterator[Fp8CastTally]:
-    """Count saturated and flushed elements of every ``Fp8Linear`` forward cast while inside.
+    """Count saturated and flushed elements of every ``Fp8Linear`` input and weight cast while
+    inside; the tally's counts are filled in when the block exits.
 
-    A forward hook repeats each layer's input and weight casts with the scale the layer has just
-    used (after the forward, ``log2_scale`` holds it for the "current" and "constant" recipes) and
-    counts with ``quantization_stats``: exact, at the cost of one more cast per tensor. The
-    "delayed" recipe updates its scale after the cast, so it is refused (ValueError).
+    The counting is ScalingState's own (``sample_stats``: counted in the cast itself); the counters
+    are read as differences, so a monitor's counts are left as they were, and so is
+    ``sample_stats``. A forward hook records the scaling bias each layer has just used (after the
+    forward, ``log2_scale`` holds it for the "current" and "constant" recipes; "delayed" has moved
+    on to the next cast's, so it is refused with ValueError).
     """
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     if any(m.config.recipe == "delayed" for m in layers):
         raise ValueError("track_fp8_casts: recipe='delayed' layers update their scale after the cast; "
                          "allowed recipes: 'current', 'constant'")
     tally = Fp8CastTally()
+    roles = [(tally.input, m.input_scaling) for m in layers] + [(tally.weight, m.weight_scaling) for m in layers]
+    before = [(state.sample_stats, {c: int(getattr(state, c)) for _, c in _COUNTERS}) for _, state in roles]
 
-    def hook(layer: Fp8Linear, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        x_2d = args[0].detach().reshape(-1, layer.in_features)               # (M, in)
-        tally.input.add(x_2d, layer.input_scaling.log2_scale)
-        tally.weight.add(layer.weight.detach(), layer.weight_scaling.log2_scale)
+    def hook(layer: Fp8Linear, _args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        tally.input._note_log2_scale(layer.input_scaling.log2_scale)
+        tally.weight._note_log2_scale(layer.weight_scaling.log2_scale)
 
     handles = [m.register_forward_hook(hook) for m in layers]
+    for _, state in roles:
+        state.sample_stats = True
     try:
         yield tally
     finally:
         for h in handles:
             h.remove()
+        for (role, state), (sampling, counts) in zip(roles, before):
+            state.sample_stats = sampling
+            for field_name, counter in _COUNTERS:
+                setattr(role, field_name, getattr(role, field_name) + int(getattr(state, counter)) - counts[counter])
