@@ -79,6 +79,7 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("launcher.backend='nccl' needs launcher.device cuda; allowed on CPU: 'auto', 'gloo'")
+    threads_before = torch.get_num_threads()
     if device.type == "cpu" and (cfg.cpu_threads is not None or local_world > 1):
         # N processes on one host share its cores: without this each would start cores threads
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
@@ -101,6 +102,7 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
     try:
         yield DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=device)
     finally:
+        torch.set_num_threads(threads_before)  # train() called from Python leaves the caller's setting
         if created and dist.is_initialized():
             dist.destroy_process_group()
 
