@@ -3,6 +3,7 @@
 #                ARGS="precision=fp32 train.steps=100" passes Hydra overrides
 #   make demo    FP8 vs fp32 side by side (fp32 / FP8 GEMMs / FP8 GEMMs + Fp8AdamW, one table)
 #   make test    the test suite (CPU, ~9 min on 2 cores)
+#   make test-reliability  fault injection and recovery scenarios (crash, restart, kill during checkpoint, ...)
 #   make bench   the benchmark tables (bench/*.py)
 # TORCH_SPEC picks the torch build installed into a new .venv (default: the CPU wheel CI pins).
 
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.fp8train-installed
 
-.PHONY: train demo test bench
+.PHONY: train demo test test-reliability bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+test-reliability: $(STAMP)
+	$(VENV)/bin/pytest -q -m reliability
 
 bench: $(STAMP)
 	$(PY) bench/cast.py

@@ -20,6 +20,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 _EXIT_CONFIG_ERROR = 2
+_EXIT_PEER_LOST = 3
 _GROUPS = ("model", "data", "precision", "optim", "parallel", "logging", "launcher", "experiment")
 
 
@@ -83,6 +84,18 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
+def _lost_peer_message(e: RuntimeError, cfg: object) -> str | None:
+    """One line for a collective that failed because another rank died or stopped answering."""
+    text = str(e)
+    timeout_s = getattr(getattr(cfg, "launcher", None), "timeout_s", "?")
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"a collective timed out after launcher.timeout_s={timeout_s} s: another rank stopped answering "
+                f"({text.splitlines()[0][:200]})")
+    if "connection closed by peer" in text.lower() or "connection reset" in text.lower():
+        return f"another rank died during a collective ({text.splitlines()[0][:200]})"
+    return None
+
+
 def _task(cfg: object) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -102,6 +115,11 @@ def _task(cfg: object) -> float | None:
     except OmegaConfBaseException as e:  # e.g. a required value (???) left unset
         _remove_if_empty(run_dir)
         _fail(str(e).splitlines()[0] + (f" (key {e.full_key})" if getattr(e, "full_key", None) else ""))
+    except RuntimeError as e:
+        if (lost := _lost_peer_message(e, cfg)) is None:
+            raise
+        print(f"fp8train: error: {lost}", file=sys.stderr)
+        sys.exit(_EXIT_PEER_LOST)
     return result.val_loss  # what a Hydra sweeper optimises
 
 

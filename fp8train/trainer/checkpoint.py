@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,10 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module, env: DistEnv,
-                    trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it after the same step. Returns the checkpoint's final path."""
+                    trainer_state: dict[str, Any], keep_last: int,
+                    before_commit: Callable[[], None] | None = None) -> Path:
+    """Collective: every rank calls it after the same step. Returns the checkpoint's final path.
+    ``before_commit`` runs on every rank once all files are written (fault-injection tests)."""
     root = run_dir / CHECKPOINTS_DIR
     final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
     ok = False
@@ -104,6 +107,8 @@ def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module
         ok = True
     finally:
         agree(ok, "checkpoint: writing rank files", env.device)
+    if before_commit is not None:
+        before_commit()
     ok = False
     try:
         if env.is_main:

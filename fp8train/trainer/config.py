@@ -20,6 +20,7 @@ from fp8train.data import DataConfig
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig
 from fp8train.precision import PrecisionConfig
+from fp8train.trainer.faults import FaultsConfig
 
 __all__ = [
     "CheckpointConfig", "HfModelConfig", "LauncherConfig", "LoggingConfig", "LoopConfig", "ModelConfig", "MonitorConfig",
@@ -207,7 +208,7 @@ class TrainConfig:
     """name: run label; run_dir: where checkpoints, metrics and logs go (shared by all ranks);
     resume: "auto" (continue from the latest complete checkpoint in run_dir, if any) | "never"
     (refuse a run_dir that holds checkpoints) | a checkpoint directory path; seed: model init and
-    data order."""
+    data order; faults: fault injection for recovery tests (off by default)."""
 
     name: str = "gpt_tiny-fp8_o2"
     run_dir: str = "outputs/gpt_tiny-fp8_o2"
@@ -223,6 +224,7 @@ class TrainConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         strategy = self.strategy

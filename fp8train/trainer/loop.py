@@ -19,6 +19,7 @@ from fp8train.trainer.checkpoint import save_checkpoint
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
 from fp8train.monitor_stats import bias_histograms
+from fp8train.trainer.faults import Faults
 from fp8train.trainer.fp8_sampling import Fp8Sampler
 from fp8train.trainer.monitor import Monitor, peak_memory_mib
 from fp8train.trainer.schedule import lr_at
@@ -70,17 +71,21 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
                                      rank=env.rank, world_size=env.world_size)
     model.train()
     fp8 = Fp8Sampler(cfg, model, strategy)
+    faults = Faults(cfg.faults, env.rank)
     interval = {"loss": torch.zeros((), dtype=torch.float64, device=env.device), "steps": 0, "comm": 0,
                 "norm": None, "t0": time.perf_counter()}
     end = loop.steps if loop.stop_after is None else loop.stop_after
     while state.step < end:
         strategy.set_lr(lr := lr_at(state.step, cfg.optim, loop.steps))
         step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        faults.at_step_start(state.step + 1)
         fp8.start(state.step + 1)
         for micro in range(accum):
             x, y = sampler.next_batch(batch_size=mb, rank=env.rank, world_size=env.world_size)
             with strategy.accumulating(sync=micro == accum - 1), forward_ctx_factory():
                 _, loss = strategy.module(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True))
+                if micro == accum - 1 and (factor := faults.loss_factor(state.step + 1)) != 1.0:
+                    loss = loss * factor  # an injected overflow (faults.nonfinite_*)
                 (loss / accum).backward()  # gradients accumulate in their own (high) precision
             step_loss += loss.detach().double()
         fp8.before_update()
@@ -119,6 +124,7 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
         monitor.advance(state.last_train_loss)
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or done:
             path = save_checkpoint(run_dir, state.step, strategy=strategy, model=model, env=env,
-                                   trainer_state=trainer_state(state), keep_last=cfg.checkpoint.keep_last)
+                                   trainer_state=trainer_state(state), keep_last=cfg.checkpoint.keep_last,
+                                   before_commit=lambda: faults.in_checkpoint(state.step))
             monitor.print(f"checkpoint: {path}")
     return state
