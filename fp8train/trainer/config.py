@@ -235,8 +235,6 @@ class TrainConfig:
             raise ValueError(f"parallel={strategy} synchronises gradients in FP8 and needs precision.grad_comm='fp8' "
                              f"(precision={self.precision.name} has {self.precision.grad_comm!r}); allowed "
                              "precision with zero: fp8_o1, fp8_o2, fp8_o3")
-        if self.model.arch != "hf" and self.model.spec.vocab_size < 1:
-            raise ValueError("model.vocab_size must be >= 1")
 
     @property
     def strategy(self) -> str:
