@@ -37,6 +37,7 @@ __all__ = ["DataConfig", "TokenData", "WindowSampler", "load_token_data", "prepa
 
 _BIN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 _CACHE_VERSION = 1  # bump when the prepared file's layout changes
+_BINARY_SNIFF_BYTES = 1 << 20  # a text source with a NUL byte in its first MiB is taken for binary
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,6 +98,10 @@ def prepare_token_file(cfg: DataConfig) -> tuple[Path, str]:
                                   f"data.bin_dtype={cfg.bin_dtype!r} ({itemsize} bytes); allowed bin_dtype: "
                                   + ", ".join(_BIN_DTYPES))
             return path, cfg.bin_dtype
+        with path.open("rb") as f:  # the first MiB is enough to tell, and cheap for any size
+            if b"\0" in f.read(_BINARY_SNIFF_BYTES):
+                raise ConfigError(f"data.path={cfg.path!r} looks binary (it holds NUL bytes) but is read as text; "
+                                  "pre-tokenized ids belong in a .bin file with data.bin_dtype")
         return path, "uint8"  # byte-level tokens of a text file are its bytes
     try:
         files = corpus_files()

@@ -20,11 +20,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fp8train._typed import ConfigError
 from fp8train._validate import check_choice
 from fp8train.bf16 import bf16_autocast, convert_to_bf16_emulated
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.config import Fp8Config
-from fp8train.convert import convert_to_fp8
+from fp8train.convert import FP8_DIM_MULTIPLE, convert_to_fp8
 from fp8train.linear import Fp8Linear
 from fp8train.optim._formats import EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS
 
@@ -90,11 +91,23 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig,
     each forward pass runs under (bf16 autocast on CUDA, nothing elsewhere)."""
     if cfg.gemm == "fp8":
         convert_to_fp8(model, config=cfg.fp8)
+        if not fp8_weight_names(model):
+            _no_fp8_layer(model)
     elif cfg.gemm == "bf16":
         if device.type == "cuda":
             return lambda: bf16_autocast(device)
         convert_to_bf16_emulated(model)  # bf16 GEMMs on CPU are ~100x slower than fp32: emulate
     return nullcontext
+
+
+def _no_fp8_layer(model: nn.Module) -> None:
+    """gemm='fp8' that would convert nothing is a config mistake (an FP8 run that is all fp32), not
+    a silent fallback: name the Linear shapes, none of whose both dims is a multiple of 16."""
+    shapes = sorted({f"{m.in_features}x{m.out_features}" for m in model.modules() if isinstance(m, nn.Linear)})
+    raise ConfigError(f"precision.gemm='fp8' but no Linear layer of the model is eligible for FP8: both dims "
+                      f"(model.n_embd and the widths made from it) must be multiples of {FP8_DIM_MULTIPLE} "
+                      f"(Linear in x out: {', '.join(shapes) or 'none'}; the output head stays high precision); "
+                      "allowed: such dims, or precision.gemm='bf16' / 'fp32'")
 
 
 def fp8_weight_names(model: nn.Module) -> list[str]:

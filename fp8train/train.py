@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from fp8train._atomic import atomic_write_text
+from fp8train._typed import ConfigError
 from fp8train.data import WindowSampler, load_token_data, prepare_token_file
 from fp8train.precision import apply_precision
 from fp8train.trainer.build import build_model, count_parameters
@@ -25,7 +26,7 @@ from fp8train.trainer.loop import LoopState, run_loop
 from fp8train.trainer.monitor import Monitor
 from fp8train.trainer.strategy import build_strategy
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "check_zero_world_size", "train"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,15 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path | None:
     return result
 
 
+def check_zero_world_size(strategy: str, *, n_tensors: int, world_size: int) -> None:
+    """Whole-tensor ZeRO gives each trainable tensor to one rank: with more ranks than tensors some
+    would own nothing (idle optimizer, no memory saved), a mis-sized job rather than a useful one."""
+    if strategy in ("zero1", "zero2") and world_size > n_tensors:
+        raise ConfigError(f"parallel={strategy} on {world_size} processes but the model has {n_tensors} trainable "
+                          f"tensors: whole-tensor ZeRO would leave {world_size - n_tensors} rank(s) owning nothing; "
+                          f"allowed: at most {n_tensors} processes, or parallel=ddp")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or continue, see ``TrainConfig.resume``) the training described by ``cfg``."""
     run_dir = Path(cfg.run_dir)
@@ -61,6 +71,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         data = load_token_data(cfg.data, seq_len=cfg.block_size, vocab_size=cfg.vocab_size)
         model = build_model(cfg.model, seed=cfg.seed, device=env.device)
         forward_ctx = apply_precision(model, cfg.precision, env.device)  # a context factory
+        check_zero_world_size(cfg.strategy, n_tensors=sum(p.requires_grad for p in model.parameters()),
+                              world_size=env.world_size)
         strategy = build_strategy(model, cfg, env)
         state, position, wandb_id = LoopState(), 0, None
         if resume_from is not None:

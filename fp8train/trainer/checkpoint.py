@@ -18,8 +18,10 @@ checkpoints beyond ``keep_last`` are deleted only after the new one is in place.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,10 +128,55 @@ def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module
     return final
 
 
+def _unreadable_file(path: Path) -> Path | None:
+    """The first file of checkpoint ``path`` that is damaged: trainer.json / manifest.json that is
+    not JSON, or a ``*.pt`` that is not a complete torch.save archive (a zip whose CRCs check)."""
+    for f in sorted(path.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".pt":
+                with zipfile.ZipFile(f) as archive:
+                    if archive.testzip() is not None:
+                        return f
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return f
+    return None
+
+
+def _load_error(path: Path, e: Exception) -> ConfigError | None:
+    """One line for a checkpoint that cannot be restored: a damaged file (named), a model it does
+    not fit (the first mismatched key of load_state_dict's message), or the error's first line.
+    None for another RuntimeError (e.g. a collective that lost a peer): not the checkpoint's fault."""
+    if (bad := _unreadable_file(path)) is not None:
+        return ConfigError(f"resume: checkpoint file {str(bad)!r} is truncated or corrupt "
+                           f"({type(e).__name__}); allowed: a complete checkpoint, or resume='never' with a new run_dir")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and "loading state_dict" in lines[0]:
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:300].rstrip(".")
+        return ConfigError(f"resume: checkpoint {str(path)!r} does not fit this model (model.*): {detail}; "
+                           "allowed: the model config the checkpoint was saved with")
+    if isinstance(e, RuntimeError):
+        return None
+    return ConfigError(f"resume: checkpoint {str(path)!r} cannot be loaded: {type(e).__name__}: "
+                       f"{(lines or [''])[0][:300]}")
+
+
 def load_checkpoint(path: Path, *, strategy: Any, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     """Collective: restore model, optimizer, this rank's RNG and FP8 scaling states; returns the
     trainer state (trainer.json). Scaling states and RNG come from this rank's file when the world
-    size is unchanged, else from rank 0's (each rank's own history does not exist at the new size)."""
+    size is unchanged, else from rank 0's (each rank's own history does not exist at the new size).
+    A damaged file or a checkpoint of another model: ConfigError naming the file or the first
+    mismatched key (the model may then be partly loaded: rebuild it before retrying)."""
+    try:
+        return _load(path, strategy=strategy, model=model, env=env)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        if (error := _load_error(path, e)) is None:
+            raise
+        raise error from None
+
+
+def _load(path: Path, *, strategy: Any, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     trainer_state = json.loads((path / TRAINER_FILE).read_text())
     strategy.load(path)
     same_world = trainer_state.get("world_size") == env.world_size
