@@ -30,7 +30,8 @@ class FaultsConfig:
 
     nonfinite_step: int | None = None
     nonfinite_rank: int = 0
-    nonfinite_value: Literal["inf", "nan"] = "inf"
+    # a float too: Hydra's override grammar reads `faults.nonfinite_value=inf` (or nan) as a float
+    nonfinite_value: Literal["inf", "nan"] | float = "inf"
     kill_step: int | None = None
     kill_rank: int = 0
     crash_in_checkpoint_step: int | None = None
@@ -38,6 +39,11 @@ class FaultsConfig:
     hang_rank: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.nonfinite_value, float):
+            if not (math.isnan(self.nonfinite_value) or self.nonfinite_value == math.inf):
+                raise ValueError(f"FaultsConfig.nonfinite_value={self.nonfinite_value!r} is not allowed; "
+                                 "allowed values: 'inf', 'nan'")
+            self.nonfinite_value = "nan" if math.isnan(self.nonfinite_value) else "inf"
         for name in ("nonfinite_step", "kill_step", "crash_in_checkpoint_step", "hang_step"):
             value = getattr(self, name)
             if value is not None and value < 1:
