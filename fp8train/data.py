@@ -37,7 +37,11 @@ __all__ = ["DataConfig", "TokenData", "WindowSampler", "load_token_data", "prepa
 
 _BIN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 _CACHE_VERSION = 1  # bump when the prepared file's layout changes
-_BINARY_SNIFF_BYTES = 1 << 20  # a text source with a NUL byte in its first MiB is taken for binary
+# A "text" source whose first MiB is over 1 % NUL bytes is taken for mislabelled token ids: text
+# has none, while uint16 / uint32 ids have a zero high byte for every id < 256 / 65536 (a byte stream
+# used as tokens may hold a few, so one NUL alone is not an error).
+_BINARY_SNIFF_BYTES = 1 << 20
+_BINARY_NUL_SHARE = 0.01
 
 
 @dataclass(kw_only=True, slots=True)
@@ -99,9 +103,10 @@ def prepare_token_file(cfg: DataConfig) -> tuple[Path, str]:
                                   + ", ".join(_BIN_DTYPES))
             return path, cfg.bin_dtype
         with path.open("rb") as f:  # the first MiB is enough to tell, and cheap for any size
-            if b"\0" in f.read(_BINARY_SNIFF_BYTES):
-                raise ConfigError(f"data.path={cfg.path!r} looks binary (it holds NUL bytes) but is read as text; "
-                                  "pre-tokenized ids belong in a .bin file with data.bin_dtype")
+            head = f.read(_BINARY_SNIFF_BYTES)
+        if head.count(0) > _BINARY_NUL_SHARE * len(head):
+            raise ConfigError(f"data.path={cfg.path!r} looks binary ({head.count(0) / len(head):.0%} NUL bytes) but "
+                              "is read as text; pre-tokenized ids belong in a .bin file with data.bin_dtype")
         return path, "uint8"  # byte-level tokens of a text file are its bytes
     try:
         files = corpus_files()

@@ -52,7 +52,7 @@ CASES = [
     # n_embd=72: qkv 72x216, proj 72x72, mlp 72x288 / 288x72 -- no dim a multiple of 16
     ("fp8_no_eligible_layer", ["model.n_embd=72", "model.n_head=4"], {}, None,
      "precision.gemm='fp8' but no Linear layer of the model is eligible for FP8"),
-    ("data_binary_text", ["data=custom", "data.path=ids.txt"], {"ids.txt": bytes(range(256)) * 64}, None,
+    ("data_binary_text", ["data=custom", "data.path=ids.txt"], {"ids.txt": b"".join((i % 300).to_bytes(2, "little") for i in range(8192))}, None,
      "data.path='ids.txt' looks binary"),
     ("data_bin_odd_bytes", ["data=custom", "data.path=ids.bin", "data.bin_dtype=uint16"], {"ids.bin": b"abc"}, None,
      "not a multiple of data.bin_dtype='uint16'"),
@@ -199,13 +199,13 @@ def test_zero2_resume_on_4_then_2_then_1_processes_tracks_uninterrupted_run(tmp_
     resumed, reference = _losses(run), _losses(tmp_path / "ref")
     assert sorted(resumed) == sorted(reference) == list(range(1, 19))
     # Tolerance: the same windows and the same optimizer math, but the FP8 gradient reduction is a
-    # sum of N E4M3-quantized chunks (N = world size), so gradients differ by ~2**-4 relative per
-    # element from step 1 of the 4-process leg and the weights drift apart. The loss is an average
-    # over 4 x 64 tokens near ln(256) ~ 5.5 falling to ~3; the observed gap stays below ~X (see the
-    # reply); 2e-2 relative is a few times that and still catches a wrong data position or a lost
-    # optimizer state (which move the loss by > 5 %).
+    # sum of N E4M3-quantized chunks (N = world size: 4, 2, 1 here; 1 in the reference), so the
+    # gradients round differently and the weights drift apart by a few FP8 ulps. Observed on CPU:
+    # at most 1.8e-4 relative over 18 steps (losses 5.51 -> 3.67). 2e-3 leaves 10x headroom and
+    # still catches a wrong data position or a lost optimizer state, which move a step's loss by
+    # percents (the loss falls ~2 % per step early on).
     for step in range(1, 19):
-        assert abs(resumed[step] - reference[step]) <= 2e-2 * abs(reference[step]), (step, resumed, reference)
+        assert abs(resumed[step] - reference[step]) <= 2e-3 * abs(reference[step]), (step, resumed, reference)
 
 
 # ---------------------------------------------------------------------------------------------- C
