@@ -88,6 +88,8 @@ def _lost_peer_message(e: RuntimeError, cfg: object) -> str | None:
     """One line for a collective that failed because another rank died or stopped answering."""
     text = str(e)
     timeout_s = getattr(getattr(cfg, "launcher", None), "timeout_s", "?")
+    if "connection refused" in text.lower():
+        return f"could not connect to another rank (it died or never started) ({text.splitlines()[0][:200]})"
     if "timed out" in text.lower() or "timeout" in text.lower():
         return (f"a collective timed out after launcher.timeout_s={timeout_s} s: another rank stopped answering "
                 f"({text.splitlines()[0][:200]})")

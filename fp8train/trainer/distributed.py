@@ -91,7 +91,8 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+            dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                    world_size=world, timeout=timeout)
             # A launcher's group lives as long as the process: a second env:// init on the same
             # store (the next run of a Hydra sweep under torchrun) would never rendezvous. Later
             # runs in this process reuse it; it is destroyed at exit.
@@ -105,6 +106,20 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
         torch.set_num_threads(threads_before)  # train() called from Python leaves the caller's setting
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The env:// store (MASTER_ADDR:MASTER_PORT), under a prefix per torchrun restart attempt.
+
+    After torchrun restarts a failed group (``--max-restarts``), the new workers may meet in a
+    store that still holds the dead attempt's keys -- among them the gloo addresses of processes
+    that no longer exist -- and fail to connect ("Connection refused"). A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) gives every attempt fresh keys."""
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT")
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world, is_master=not agent_hosts_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"fp8train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _destroy_if_initialized() -> None:

@@ -1,7 +1,8 @@
 """Fault injection for testing recovery (``faults.*`` in the config; all off by default).
 
-Each fault fires once per job: kills and crashes only on the first attempt (torchrun's
-TORCHELASTIC_RESTART_COUNT == 0), so a restarted job runs clean and must recover on its own.
+Kills, crashes and hangs fire only in a run that starts from scratch (not resumed from a checkpoint)
+on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT == 0): a restarted or resumed job runs
+clean and must recover on its own.
   nonfinite_step / nonfinite_rank / nonfinite_value: multiply that rank's loss by inf or nan on the
       last micro-step of optimizer step ``nonfinite_step`` (1-based): its gradients become
       non-finite before synchronisation, as an overflow in the forward or backward would make them;
@@ -54,9 +55,9 @@ class FaultsConfig:
 
 
 class Faults:
-    def __init__(self, cfg: FaultsConfig, rank: int) -> None:
+    def __init__(self, cfg: FaultsConfig, rank: int, *, resumed: bool) -> None:
         self.cfg, self.rank = cfg, rank
-        self.first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+        self.first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 and not resumed
 
     def loss_factor(self, step: int) -> float:
         """1.0, or inf/nan on the rank and step chosen for a non-finite gradient."""
@@ -70,7 +71,7 @@ class Faults:
         if c.kill_step == step and c.kill_rank == self.rank and self.first_attempt:
             print(f"faults: killing rank {self.rank} at the start of step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        if c.hang_step == step and c.hang_rank == self.rank:
+        if c.hang_step == step and c.hang_rank == self.rank and self.first_attempt:
             print(f"faults: rank {self.rank} stops answering at step {step}", flush=True)
             while True:
                 time.sleep(3600)

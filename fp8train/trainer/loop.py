@@ -71,7 +71,7 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
                                      rank=env.rank, world_size=env.world_size)
     model.train()
     fp8 = Fp8Sampler(cfg, model, strategy)
-    faults = Faults(cfg.faults, env.rank)
+    faults = Faults(cfg.faults, env.rank, resumed=state.step > 0)
     interval = {"loss": torch.zeros((), dtype=torch.float64, device=env.device), "steps": 0, "comm": 0,
                 "norm": None, "t0": time.perf_counter()}
     end = loop.steps if loop.stop_after is None else loop.stop_after
