@@ -6,13 +6,11 @@ at once and awaited together to keep the suite short."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from trainer_utils import cli_env
+from trainer_utils import assert_one_line_error, popen_cli
 
 SMOKE = ["experiment=smoke", "train.steps=2", "logging.progress=false"]
 
@@ -48,9 +46,7 @@ def outcomes(tmp_path_factory):
         cwd = tmp_path_factory.mktemp(case_id)
         for name, data in files.items():
             (cwd / name).write_bytes(data)
-        procs[case_id] = (cwd, set(files), subprocess.Popen(
-            [sys.executable, "-m", "fp8train", *SMOKE, *args, f"data.cache_dir={cache}"], cwd=cwd,
-            env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[case_id] = (cwd, set(files), popen_cli([*SMOKE, *args], cwd, cache))
     results = {}
     for case_id, (cwd, created, proc) in procs.items():
         _, stderr = proc.communicate(timeout=300)
@@ -64,10 +60,7 @@ def outcomes(tmp_path_factory):
 def test_bad_config_or_data_fails_in_one_line(outcomes, request, message):
     case_id = request.node.callspec.id
     returncode, stderr, leftovers = outcomes[case_id]
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert returncode == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("fp8train: error: "), stderr
-    assert message in lines[0], lines[0]
+    assert_one_line_error(returncode, stderr, message)
     assert leftovers == [], leftovers  # no run directory, no half-written file
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from fp8train._typed import ConfigError
 from fp8train.trainer.monitor import read_metrics
-from trainer_utils import cli_env
+from trainer_utils import assert_one_line_error, cli_env, popen_cli
 
 pytestmark = pytest.mark.reliability
 
@@ -104,9 +104,7 @@ def outcomes(tmp_path_factory, base_run):
                 (ckpt / name).write_bytes(fn((ckpt / name).read_bytes()))
             args = [*args, "hydra.run.dir=run"]
         before = _snapshot(cwd)
-        procs[case_id] = (cwd, before, subprocess.Popen(
-            [sys.executable, "-m", "fp8train", *SMOKE, *args, f"data.cache_dir={cache}"], cwd=cwd,
-            env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[case_id] = (cwd, before, popen_cli([*SMOKE, *args], cwd, cache))
     results = {}
     for case_id, (cwd, before, proc) in procs.items():
         _, stderr = proc.communicate(timeout=400)
@@ -120,10 +118,7 @@ def outcomes(tmp_path_factory, base_run):
 def test_bad_input_fails_in_one_line_and_writes_nothing(outcomes, request, message):
     case_id = request.node.callspec.id
     returncode, stderr, changed = outcomes[case_id]
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert returncode == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("fp8train: error: "), stderr
-    assert message in lines[0], lines[0]
+    assert_one_line_error(returncode, stderr, message)
     assert changed == [], changed  # no new file, no overwritten byte (checkpoint cases: the run dir as it was)
 
 

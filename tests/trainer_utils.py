@@ -44,3 +44,17 @@ def run_cli(args: list[str], cwd: Path, cache_dir: Path, *, torchrun_nproc: int 
     else:
         cmd = [sys.executable, "-m", "fp8train", *args]
     return subprocess.run(cmd, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.Popen[str]:
+    """Start ``python -m fp8train ARGS`` in ``cwd`` without waiting (tables of cases run at once)."""
+    return subprocess.Popen([sys.executable, "-m", "fp8train", *args, f"data.cache_dir={cache_dir}"], cwd=cwd,
+                            env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_one_line_error(returncode: int, stderr: str, message: str) -> None:
+    """The CLI's contract for bad input: exit 2 and exactly one stderr line naming the problem."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("fp8train: error: "), stderr
+    assert message in lines[0], lines[0]
