@@ -11,7 +11,9 @@ One bucket of n gradient tensors on N ranks:
      then divides by N (``fp8train._decode_cpu``: one fused loop on CPU). The sum stays in scaled units: |sum| <= N * fmax, far from fp32 overflow;
   6. all-reduce only: requantize the mean with the SAME scale (|mean| <= global amax, so it fits
      and needs no second sync) and all_gather the uint8 chunks; every rank decodes the same bytes,
-     so every rank ends with bit-identical gradients.
+     so every rank ends with bit-identical gradients. The decode saturates to +-max of the
+     gradient's dtype: E4M3 rounding can push a finite mean past it (fp16 64000 -> 65536), and an
+     inf written there would be an overflow that ``found_inf`` never reported (_decode_cpu.py).
 Wire: (N-1)/N bytes per element out in step 5 and again in step 6 = 2(N-1)/N, a quarter of an fp32
 ring all-reduce (8(N-1)/N), plus 2(N-1)/N * 4n bytes of amax.
 
@@ -146,7 +148,10 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
     numel, e.g. ``uniform_bounds`` or ``FlatLayout.owner_bounds`` for whole-tensor owners), as fp32
     in real units. Returns (None, stats with found_inf) when any rank had an inf/NaN gradient.
     ``requantize``: round the mean to FP8 with the shared scale, as ``fp8_all_reduce_`` does before
-    its all-gather, so that a sharded optimizer sees bit-for-bit the replicated path's gradients."""
+    its all-gather, so that a sharded optimizer sees bit-for-bit the replicated path's gradients.
+    Each tensor's part of the chunk is saturated to +-max of that gradient's dtype, as the all-reduce's
+    decode is (fp8train/_decode_cpu.py: a finite mean that FP8 rounding pushed past the max), so the
+    owner can copy it into the gradient without creating an inf."""
     config = config or Fp8CommConfig()
     grads = list(grads)
     _check_grads(grads)
@@ -171,5 +176,6 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
         mean = cast_to_fp8(mean, one, fmt).to(torch.float32)  # exact decode of the FP8 mean
     scale_inv = torch.exp2(-log2_scale)
     for i, start, stop in layout.segments(lo, hi):
-        mean[start - lo:stop - lo].mul_(scale_inv[i])
+        grad_max = torch.finfo(grads[i].dtype).max
+        mean[start - lo:stop - lo].mul_(scale_inv[i]).clamp_(-grad_max, grad_max)
     return mean, stats

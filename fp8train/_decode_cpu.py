@@ -10,6 +10,16 @@ wider exponent. So
 exactly. E5M2 is the upper byte of fp16 (shift 8, factor 1). NaN codes are not preserved (E4M3's
 0x7F would decode as 480): payloads built by ``fp8train.comm`` never hold NaN (inputs are clamped,
 and a bucket with an inf/NaN gradient is not sent).
+
+Saturation (``decode_fp8_into``): the decoded value ``code * scale_inv`` is clamped to +-max of the
+output dtype before it is written. Numerical decision: the codes encode the mean of finite values
+of that dtype (a bucket with an inf/NaN is never sent), so the true value is finite and within +-max;
+only FP8 rounding can push it past (fp16 64000 at scale 2**-8 is 250 -> 256 on the E4M3 grid,
+decoded 65536 > 65504), and writing that as inf would be an overflow nobody reported (``found_inf``
+is False). The saturated value is nearer the true mean than the FP8 value, so the error bound of
+``comm/allreduce.py`` still holds. The multiplications stay exact: the FP8 value (times the format
+factor, <= 57344) first, then ``scale_inv``, so the factor and a scale_inv near 2**126 never meet in
+one fp32 product that would overflow.
 """
 
 from __future__ import annotations
@@ -41,8 +51,10 @@ def _mean_kernel(rows_u8: torch.Tensor, mag_shift: torch.Tensor, factor: torch.T
     return acc * factor / rows_u8.shape[0]  # * 2**(15 - B): exact; / N: one rounding
 
 
-def _decode_kernel(code_u8: torch.Tensor, mag_shift: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(_as_fp32_times_factor(code_u8, mag_shift) * factor)
+def _decode_kernel(code_u8: torch.Tensor, mag_shift: torch.Tensor, factor: torch.Tensor, scale_inv: torch.Tensor,
+                   out_max: torch.Tensor, out: torch.Tensor) -> None:
+    value = _as_fp32_times_factor(code_u8, mag_shift) * factor * scale_inv  # left to right: both exact
+    out.copy_(value.clamp(-out_max, out_max))  # saturate to out's dtype (module docstring)
 
 
 @functools.cache
@@ -78,13 +90,17 @@ def mean_of_fp8_rows(rows_u8: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
 
 def decode_fp8_into(code_u8: torch.Tensor, fmt: Fp8Format, scale_inv: torch.Tensor, out: torch.Tensor) -> None:
     """out (any float dtype, code's numel, contiguous) <- FP8 codes * scale_inv (0-d fp32, a power of
-    two: exact before the final rounding to out's dtype)."""
+    two: exact before the final rounding to out's dtype), saturated to +-max of out's dtype (a finite
+    mean that FP8 rounding pushed past it; module docstring)."""
+    out_max = torch.finfo(out.dtype).max
     if not _fast(code_u8, code_u8.numel()):
-        out.copy_(code_u8.view(fmt.dtype).to(torch.float32).mul_(scale_inv))
+        out.copy_(code_u8.view(fmt.dtype).to(torch.float32).mul_(scale_inv).clamp_(-out_max, out_max))
         return
     mag_shift, factor = _layout(fmt, code_u8.device)
     for t in (code_u8, out):
         torch._dynamo.mark_dynamic(t, 0)
     with warnings.catch_warnings():  # inductor notes "bf16 and fp16 mixed" for a bf16 out: harmless
         warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
-        _compiled("decode")(code_u8, mag_shift, (scale_inv * factor).to(torch.float32), out)
+        f32 = dict(dtype=torch.float32, device=code_u8.device)
+        _compiled("decode")(code_u8, mag_shift, torch.tensor(factor, **f32), scale_inv.to(torch.float32),
+                            torch.tensor(out_max, **f32), out)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from fp8train._validate import check_choice, check_int_range, check_type
-from fp8train.formats import FP8_FORMATS, Fp8Format, format_by_name
+from fp8train.formats import FP8_DTYPES, FP8_FORMATS, Fp8Format, format_by_name
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
 
 __all__ = ["AMAX_ALGOS", "BACKENDS", "RECIPES", "Fp8Config"]
@@ -24,7 +26,7 @@ class Fp8Config:
                         "current"  (FP8-AMAX) amax of the tensor being cast, just in time;
                         "delayed"  scale from an amax history of the last ``amax_history_len``
                                    casts (the first cast, with no history, uses its own amax);
-                        "constant" (FP8-CSCALE) fixed scale 2**constant_bias, no amax at all.
+                        "constant" (FP8-CSCALE) fixed scale 2**constant_bias (amax only checked for inf/nan).
     amax_history_len:   delayed recipe: history length L in casts (>= 1).
     amax_compute_algo:  delayed recipe: "max" over the history or its "most_recent" entry.
     margin:             extra powers of two of headroom: log2_scale = floor(log2(fmax/amax)) - margin.
@@ -35,7 +37,8 @@ class Fp8Config:
                         "auto" (scaled_mm on CUDA sm89+, else emulated).
     grad_output_format: format of output gradients: "e5m2" (default: gradients need range more
                         than precision) or "e4m3" (allowed, with a warning: gradients beyond
-                        448 / scale saturate).
+                        448 / scale saturate). torch.float8_e5m2 / torch.float8_e4m3fn are
+                        accepted too and stored as the name.
     fast_cast:          use the compiled CPU cast kernel for large tensors (bit-identical to the
                         eager cast; off only to avoid torch.compile start-up cost).
     """
@@ -51,6 +54,8 @@ class Fp8Config:
 
     def __post_init__(self) -> None:
         owner = "Fp8Config"
+        if isinstance(self.grad_output_format, torch.dtype) and self.grad_output_format in FP8_DTYPES:
+            self.grad_output_format = FP8_DTYPES[self.grad_output_format].name  # YAML and wandb see the name
         check_choice(owner, "recipe", self.recipe, RECIPES)
         check_int_range(owner, "amax_history_len", self.amax_history_len, 1, 1 << 16)
         check_choice(owner, "amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)

@@ -11,6 +11,8 @@ two power-of-two scales applied: ``(a.data @ b.data) * a.scale_inv * b.scale_inv
   column-major ``b``, K and N multiples of 16 (zero padding here: zeros add nothing to any sum), and
   not both operands E5M2. CUDA sm89+ natively; torch 2.13 also runs it on CPU, which lets the tests
   cross-check it against ``emulated``.
+A NaN ``scale_inv`` (how ``ScalingState`` marks an operand whose amax was inf/NaN) makes the whole
+output NaN in both backends, zero rows included (0 * NaN = NaN): the overflow reaches the gradients.
 Transformer Engine is not a GEMM here: with backend "te" the whole layer runs in TE (see _te.py).
 """
 

@@ -9,6 +9,9 @@ Outputs and gradients are high precision: y and dx in the input's dtype, dw in t
 The weight gradient therefore accumulates across micro-steps in high precision (autograd adds into
 ``weight.grad``) and is quantized once, at the step boundary, by the gradient communication.
 Saved for backward are the FP8 copies of x and w (1 byte per element instead of 2 or 4).
+Overflow: an inf/NaN in x, w or dy makes that cast's scale_inv NaN (``ScalingState``), so the GEMMs
+using it return NaN (x: y and dw; w: y and dx; dy: dx and dw) although the cast clamped the inf to
+fmax: a bias-free layer cannot turn an overflow into finite gradients and a step that is taken.
 """
 
 from __future__ import annotations

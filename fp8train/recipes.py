@@ -3,16 +3,28 @@
 An ``nn.Module`` so that its buffers (amax history, scale, event counters) travel with the model's
 ``state_dict``: delayed scaling is only resumable if its history is checkpointed. Every update is
 tensor arithmetic (no ``.item()``): counters are read when a monitor samples them.
+
+Overflow must never vanish. The cast clamps +-inf to +-fmax (fp8train/cast.py), so an inf in a GEMM
+operand would otherwise leave the GEMM's output finite, and the step would be taken with gradients
+computed as if the inf were fmax. Numerical decision: when a cast's amax is inf or NaN (every recipe
+computes the amax, the constant one too, for this check alone), the ``Fp8Tensor`` returned carries a
+NaN ``scale_inv``. Every GEMM that uses it multiplies by that scale_inv (``emulated`` and
+``torch._scaled_mm`` alike), so its whole output is NaN, and every ordinary check downstream sees the
+overflow: the FP8 all-reduce's ``found_inf``, ZeRO's, ``clip_grad_norm_(error_if_nonfinite=True)``, a
+``GradScaler``. No host synchronisation (a ``torch.where`` on the 0-d amax). The state itself stays
+finite: the previous scale is kept, the event is counted in ``n_amax_nonfinite``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from fp8train.cast import cast_to_fp8, quantization_stats
 from fp8train.config import Fp8Config
-from fp8train.formats import Fp8Format
+from fp8train.formats import Fp8Format, as_fp8_format
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 from fp8train.tensor import Fp8Tensor
 
@@ -27,7 +39,7 @@ class ScalingState(nn.Module):
                       win a max, so the warm-up needs no special case). Non-finite amaxes are
                       recorded as 0 so one overflow does not freeze the scale for L steps.
     log2_scale:       () fp32, scaling bias used by the next cast (delayed) / the last (current).
-    n_casts:          () int64, casts so far.
+    n_casts:          () int64, casts so far (every recipe).
     n_amax_zero:      () int64, casts whose amax was 0 (previous scale kept).
     n_amax_nonfinite: () int64, casts whose amax was inf/nan (previous scale kept; overflow).
 
@@ -37,9 +49,10 @@ class ScalingState(nn.Module):
     tensor, so a monitor switches it on only for sampled steps (``reset_stats`` zeroes the counts).
     """
 
-    def __init__(self, fmt: Fp8Format, config: Fp8Config, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, fmt: Fp8Format | torch.dtype | str, config: Fp8Config, *,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.fmt = fmt
+        self.fmt = as_fp8_format(fmt)
         self.recipe = config.recipe
         self.margin = config.margin
         self.amax_compute_algo = config.amax_compute_algo
@@ -90,11 +103,14 @@ class ScalingState(nn.Module):
 
     @torch.no_grad()
     def quantize(self, x_hp: torch.Tensor) -> Fp8Tensor:
-        """Cast ``x_hp`` with this role's scale and update the state (see the recipes in Fp8Config)."""
+        """Cast ``x_hp`` with this role's scale and update the state (see the recipes in Fp8Config).
+        A non-finite amax gives a NaN ``scale_inv`` (module docstring): the overflow reaches the GEMM."""
+        # the constant recipe needs no amax for its scale, only to see inf/nan (one aminmax pass)
+        amax = tensor_to_amax(x_hp)
         if self.recipe == "constant":
             log2_scale = self.log2_scale
+            self._record(amax)
         else:
-            amax = tensor_to_amax(x_hp)
             current = amax_to_log2_scale(amax, self.fmt, margin=self.margin, prev_log2_scale=self.log2_scale)
             if self.recipe == "current":
                 log2_scale = current
@@ -110,4 +126,5 @@ class ScalingState(nn.Module):
         x_fp8 = cast_to_fp8(x_hp, scale, self.fmt, fast=self.fast_cast)
         if self.sample_stats:
             self._count(x_hp, scale, x_fp8)
-        return Fp8Tensor(data=x_fp8, scale_inv=torch.exp2(-log2_scale), orig_dtype=x_hp.dtype)
+        scale_inv = torch.where(torch.isfinite(amax), torch.exp2(-log2_scale), torch.full_like(log2_scale, math.nan))
+        return Fp8Tensor(data=x_fp8, scale_inv=scale_inv, orig_dtype=x_hp.dtype)
