@@ -19,6 +19,8 @@ class CommStats:
     collectives:  collective calls issued; amax_syncs: how many of them were the amax MAX all-reduce.
     elements:     gradient elements synchronised.
     log2_scales:  (tensors,) fp32 shared scaling bias of each tensor (identical on every rank).
+    tensor_names: the name of each entry of ``log2_scales`` where the caller knows it (parameter
+                  names: ``ZeroOptimizer``, the DDP hook), else (); see ``log2_scales_by_name``.
     saturated / underflowed: elements clamped to the format's max / flushed to 0 when quantizing
                   this rank's gradients; None when not sampled on this call (``stats_every``).
     found_inf:    some rank had an inf or NaN gradient: every rank reports it, the gradients were
@@ -31,6 +33,7 @@ class CommStats:
     amax_syncs: int = 0
     elements: int = 0
     log2_scales: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    tensor_names: tuple[str, ...] = ()
     saturated: int | None = None
     underflowed: int | None = None
     found_inf: bool = False
@@ -46,9 +49,21 @@ class CommStats:
             collectives=self.collectives + other.collectives, amax_syncs=self.amax_syncs + other.amax_syncs,
             elements=self.elements + other.elements,
             log2_scales=torch.cat([self.log2_scales, other.log2_scales]),
+            # names only while every part has them: a partial list could not be matched to the scales
+            tensor_names=self.tensor_names + other.tensor_names if self._named() and other._named() else (),
             saturated=add(self.saturated, other.saturated), underflowed=add(self.underflowed, other.underflowed),
             found_inf=self.found_inf or other.found_inf,
         )
+
+    def _named(self) -> bool:
+        return len(self.tensor_names) == self.log2_scales.numel()
+
+    def log2_scales_by_name(self) -> dict[str, float]:
+        """{tensor name: the scaling bias its synchronisation used}; {} when the names are unknown or
+        on overflow (``found_inf``: the overflowing buckets were not sent, their biases mean nothing)."""
+        if self.found_inf or not self._named():
+            return {}
+        return dict(zip(self.tensor_names, self.log2_scales.tolist()))
 
     @property
     def wire_bytes_per_element(self) -> float:

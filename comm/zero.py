@@ -11,7 +11,9 @@ One ``ZeroOptimizer.step()`` on N ranks:
   overflow: the comm's ``found_inf`` is the same on every rank (it comes from the MAX-reduced amax),
            so every rank skips the rest of the step identically: no clipping, no optimizer step,
            weights and state untouched, ``skipped_steps`` += 1.
-  clipping (``max_grad_norm``): see ``_clip_``.
+  clipping (``max_grad_norm``): comm/_clip.py. A non-finite global norm (the same on every rank)
+           skips the step like an overflow, as DdpStrategy does. Without ``max_grad_norm`` no norm
+           is computed: see the Limitation below.
   owners step the inner optimizer, then ONE all-gather moves the new weights (comm/_weights.py):
            rank r's slot holds its owned parameters end to end, each 16-byte aligned, padded to the
            largest slot; a parameter travels as its own dtype's bytes (uint8 view: lossless) or, if
@@ -54,11 +56,13 @@ about one extra copy of the weights, for a moment. Splitting it would need owner
 (a whole-tensor bucket can be owned by a single rank, so slots padded to the max waste up to N x);
 not worth it at this project's model sizes. Gradients are bucketed by ``Fp8CommConfig.bucket_bytes``.
 
-Limitation: an inner optimizer that skips a step on its own (``Fp8AdamW`` does when a new m, v or
-weight is non-finite) decides locally; with finite gradients that needs |g| > ~1.8e19 (g**2
-overflows fp32), which clipping rules out. Such a step would be partial (other owners did step),
-though the weights stay identical across ranks (they are all-gathered; an FP8 weight its owner did
-not update is re-encoded from its decoded value, which gives the same value back, as in the forward).
+Limitation (no clipping only): an inner optimizer that skips a step on its own (``Fp8AdamW`` does
+when a new m, v or weight is non-finite) decides locally; with finite gradients that needs
+|g| > ~1.8e19 (g**2 overflows fp32). With clipping the norm is then inf and every rank skips. Without
+it the step is partial (other owners did step) where DdpStrategy, which computes the norm of its
+replicated gradients locally on every step, skips; a norm collective on every step is not worth it
+for gradients of 1e19. The weights stay identical across ranks (they are all-gathered; an FP8 weight
+its owner did not update is re-encoded from its decoded value, which gives the same value back).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ import torch
 import torch.distributed as dist
 
 from fp8train._validate import check_choice, check_type
+from fp8train.comm._agree import failed_ranks, run_collectively
+from fp8train.comm._clip import clip_owned_grads_
 from fp8train.comm._layout import FlatLayout, plan_buckets
 from fp8train.comm._named_state import load_named_state, named_state, optimizer_formats
 from fp8train.comm._weights import WeightGather, inner_master_problem
@@ -96,10 +102,6 @@ _OWNER = "ZeroConfig"
 FP8_ADAMW_STATE_BYTES_PER_ELEMENT = 5
 FP8_ADAMW_STATE_BYTES_PER_TENSOR = 16
 
-# torch.nn.utils.clip_grad_norm_'s guard against a zero norm; kept identical so that the clipped
-# gradients match torch's formula bit for bit
-_CLIP_EPS = 1e-6
-
 
 @dataclass(kw_only=True, slots=True)
 class ZeroConfig:
@@ -107,7 +109,8 @@ class ZeroConfig:
                       gradients: reduce-scattered to their owners, freed elsewhere).
     comm:             how gradients travel in FP8 (``Fp8CommConfig``: format, bucket_bytes, ...).
     max_grad_norm:    clip gradients so that their global L2 norm (over all parameters, in
-                      gradient units, accumulated in fp32) is at most this; None: no clipping.
+                      gradient units, accumulated in fp32) is at most this; a non-finite norm
+                      skips the step. None: no clipping, and no norm computed.
     """
 
     stage: int = 2
@@ -129,9 +132,11 @@ class ZeroConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ZeroStepResult:
-    """skipped: the step was skipped for overflow (identically on every rank).
+    """skipped: the step was skipped (identically on every rank): overflow in the comm, or a
+               non-finite clipping norm.
     grad_norm: global L2 norm of the synchronised gradients before clipping (0-d fp32, identical on
-               every rank); None when not clipping or skipped.
+               every rank; inf or nan when that skipped the step); None when not clipping or
+               skipped for overflow in the comm.
     comm: this rank's gradient communication statistics (merged over buckets).
     weight_bytes_sent: bytes this rank put on the wire in the weight all-gather, counted as
                ``CommStats`` counts an all-gather: (N - 1) x the slot size (0 on a skipped step)."""
@@ -204,7 +209,11 @@ class ZeroOptimizer:
         self.params = [p for _, p in named]
         self.partition = partition_parameters([p.numel() for p in self.params], self.world_size)
         self._owned = self.partition.owned_by(self.rank)
-        self.optimizer = optimizer_factory([self.params[i] for i in self._owned]) if self._owned else None
+        owned = [self.params[i] for i in self._owned]
+        # a factory that fails on one rank (out of memory, a bad setting) raises on every rank
+        self.optimizer = run_collectively("ZeroOptimizer.optimizer_factory",
+                                          lambda: optimizer_factory(owned) if owned else None,
+                                          device=self.params[0].device, group=group)
         # stage 2: every owner's tensors contiguous, so that owner-aligned reduce-scatter bounds exist
         self._by_owner = sorted(range(len(self.params)), key=lambda i: (self.partition.owner[i], i))
         self.fp8_weight_names = tuple(n for n in self.names if n in fp8_names)  # in named_params order
@@ -226,7 +235,7 @@ class ZeroOptimizer:
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for overflow since construction (the same on every rank)."""
+        """Steps skipped (overflow, non-finite clipping norm) since construction (the same on all ranks)."""
         return self._skipped_steps
 
     def state_nbytes(self) -> int:
@@ -299,31 +308,58 @@ class ZeroOptimizer:
         """Synchronise gradients, skip on overflow, clip, step the owners, gather the weights.
 
         Afterwards only the owned parameters' ``.grad`` are meaningful: stage 2 has freed the others
-        (also on a skipped step), and stage 1 clips only the owned ones (the others are not used)."""
-        grads = []
-        for name, p in zip(self.names, self.params):
-            if p.grad is None:
-                raise RuntimeError(f"ZeroOptimizer.step: parameter {name!r} has no gradient; every parameter "
-                                   "must receive one on every rank (pass only trained parameters)")
-            grads.append(p.grad)
+        (also on a skipped step), and stage 1 clips only the owned ones (the others are not used).
+
+        A parameter without a gradient on some rank raises RuntimeError on EVERY rank (naming the
+        parameter there, the failing rank elsewhere) at no cost to a good step: it travels as NaN, so
+        every rank takes the found_inf path, where one all_reduce tells it from an overflow."""
+        grads, missing = self._gradients()
         every = self.config.comm.stats_every
         quant_stats = every > 0 and self._calls % every == 0
         self._calls += 1
         if self.config.stage == 1:
             comm = fp8_all_reduce_(grads, config=self.config.comm, group=self.group, quant_stats=quant_stats)
+            comm.tensor_names = tuple(n for n, g in zip(self.names, grads) if g.numel() > 0)  # plan_buckets' order
         else:
             comm = self._reduce_scatter_(grads, quant_stats)
-        self.last_step_skipped = comm.found_inf
         self.last_grad_norm = None
-        if comm.found_inf:  # agreed on every rank: all of them return here
-            self._skipped_steps += 1
-            return ZeroStepResult(skipped=True, grad_norm=None, comm=comm)
+        if comm.found_inf:  # agreed on every rank: all of them come here
+            if ranks := failed_ranks(bool(missing), device=self.params[0].device, group=self.group):
+                if missing:
+                    raise RuntimeError(f"ZeroOptimizer.step: parameter {missing[0]!r} has no gradient; every "
+                                       "parameter must receive one on every rank (pass only trained parameters)")
+                raise RuntimeError(f"ZeroOptimizer.step: parameter(s) without a gradient on rank(s) {ranks}")
+            return self._skip(comm)
         if self.config.max_grad_norm is not None:
-            self.last_grad_norm = self._clip_(self.config.max_grad_norm)
+            self.last_grad_norm = clip_owned_grads_(self.params, self._owned, self.config.max_grad_norm, self.group)
+            if not bool(torch.isfinite(self.last_grad_norm)):  # the same norm, so the same verdict, everywhere
+                return self._skip(comm)
+        self.last_step_skipped = False
         if self.optimizer is not None:
             self.optimizer.step()
         weight_bytes = self._weights.all_gather_()
         return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm, weight_bytes_sent=weight_bytes)
+
+    def _gradients(self) -> tuple[list[torch.Tensor], list[str]]:
+        """Every parameter's gradient, a NaN stand-in for a missing one (see ``step``), and the names
+        of the missing ones. An empty parameter has nothing to synchronise: a missing gradient of one
+        becomes an empty zero gradient."""
+        grads, missing = [], []
+        for name, p in zip(self.names, self.params):
+            if p.grad is None and p.numel() == 0:
+                p.grad = torch.zeros_like(p)
+            if p.grad is None:
+                missing.append(name)
+                grads.append(torch.full_like(p, float("nan")))
+            else:
+                grads.append(p.grad)
+        return grads, missing
+
+    def _skip(self, comm: CommStats) -> ZeroStepResult:
+        """Weights and optimizer state untouched, identically on every rank."""
+        self.last_step_skipped = True
+        self._skipped_steps += 1
+        return ZeroStepResult(skipped=True, grad_norm=self.last_grad_norm, comm=comm)
 
     def _reduce_scatter_(self, grads: list[torch.Tensor], quant_stats: bool) -> CommStats:
         """Stage 2: owners' ``.grad`` replaced by the mean (in the gradient's dtype), others freed."""
@@ -336,42 +372,21 @@ class ZeroOptimizer:
             assert bounds is not None  # ordered by owner, so any consecutive run is too
             chunk, stats = fp8_reduce_scatter(tensors, bounds, config=self.config.comm, group=self.group,
                                               quant_stats=quant_stats, requantize=True)
+            stats.tensor_names = tuple(self.names[self._by_owner[j]] for j in bucket)
             total = total.merge(stats)
             if stats.found_inf:  # the same verdict on every rank: all stop sending here
                 break
             pos = 0
             for g, owner in zip(tensors, owners):
                 if owner == self.rank:  # the chunk is this rank's tensors end to end, in bucket order
-                    # fp32 FP8 value times a power-of-two scale_inv: exact in the gradient's dtype
+                    # fp32 FP8 value times a power-of-two scale_inv: exact in the gradient's dtype, save
+                    # a mean E4M3-rounded past the dtype's max, which fp8_reduce_scatter saturated
                     g.copy_(chunk[pos:pos + g.numel()].view(g.shape))
                     pos += g.numel()
         for i, p in enumerate(self.params):
             if self.partition.owner[i] != self.rank:
                 p.grad = None
         return total
-
-    def _clip_(self, max_norm: float) -> torch.Tensor:
-        """Scale the owned gradients by min(1, max_norm / (norm + 1e-6)) (torch's clip_grad_norm_
-        formula); returns the global norm (0-d fp32, identical on every rank).
-
-        Numerics: each owner writes the fp32 sum of squares of each owned gradient into its entry of
-        a per-parameter vector (zeros elsewhere); ONE all_reduce(SUM) fills the vector, exactly (each
-        entry is x + 0 + ... + 0), and every rank sums it in parameter order. The norm is therefore
-        independent of the world size, the partition and the collective's reduction order, and
-        equal bit for bit to a single process summing the same per-parameter fp32 sums of squares.
-        A finite gradient whose squares overflow fp32 gives norm inf and a clip factor of 0, as in
-        torch."""
-        owned = [self.params[i].grad for i in self._owned]
-        device = self.params[0].device
-        sq = torch.zeros(len(self.params), dtype=torch.float32, device=device)
-        if owned:
-            sq[self._owned] = torch.stack([g.to(torch.float32).square().sum() for g in owned])
-        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
-        norm = sq.sum().sqrt()
-        coef = (max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
-        if owned:
-            torch._foreach_mul_(owned, coef)
-        return norm
 
     # ---- weights (the all-gather itself: comm/_weights.py) ---------------------------------------
 
@@ -382,10 +397,7 @@ class ZeroOptimizer:
         problem = None
         if self.optimizer is not None and any(self._weights.fp8[i] for i in self._owned):
             problem = inner_master_problem(self.optimizer)
-        failed = torch.zeros(self.world_size, dtype=torch.int32, device=self.params[0].device)
-        failed[self.rank] = problem is not None
-        dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=self.group)
-        if failed.any():
-            got = problem or f"not so on rank(s) {[r for r in range(self.world_size) if failed[r]]}"
+        if ranks := failed_ranks(problem is not None, device=self.params[0].device, group=self.group):
+            got = problem or f"not so on rank(s) {ranks}"
             raise ValueError("ZeroOptimizer.fp8_weight_names needs an inner optimizer that keeps its own master "
                              f"weight (Fp8AdamW with master_dtype 'fp16', 'bf16' or 'fp32'); got {got}")

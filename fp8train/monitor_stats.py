@@ -6,7 +6,8 @@ draws one line per decoder layer:
               GPT, Llama and HF Llama-family models), else the layer's own name;
   layer       the decoder layer's index (the first integer in the module's name), "-" if none;
   role        input, weight, grad_output (the three casts of an Fp8Linear), wgrad (the weight
-              gradient as the FP8 gradient communication quantizes it), m, v, master (Fp8AdamW state);
+              gradient: the scale the FP8 gradient communication used, scaling_bias only), m, v,
+              master (Fp8AdamW state);
   stat        scaling_bias (log2 of the power-of-two scale: the seed paper's scaling bias), amax,
               saturated_frac (elements clamped to the format's max), underflow_frac (non-zero
               elements that became 0, over the non-zero elements).
@@ -23,11 +24,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fp8train.cast import cast_to_fp8, quantization_stats
-from fp8train.formats import Fp8Format
 from fp8train.linear import Fp8Linear
 from fp8train.recipes import ScalingState
-from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 
 __all__ = ["CAST_ROLES", "STATS", "arm_cast_stats", "bias_histograms", "cast_metrics", "layer_key",
            "optimizer_metrics", "parse_key", "wgrad_metrics"]
@@ -94,25 +92,20 @@ def cast_metrics(model: nn.Module) -> dict[str, float]:
     return _collect(entries)
 
 
-@torch.no_grad()
-def wgrad_metrics(model: nn.Module, fmt: Fp8Format, *, margin: int = 0) -> dict[str, float]:
-    """The weight gradient of every Fp8Linear quantized as the FP8 gradient communication does
-    (``fmt``, power-of-two scale from the gradient's own amax): bias, amax, underflow. Saturation
-    is 0 by construction (the scale fits the amax), so it is not reported."""
-    entries = []
-    for fqn, layer in _fp8_layers(model):
-        grad = layer.weight.grad
-        if grad is None:
-            continue
-        layer_type, idx = layer_key(fqn)
-        amax = tensor_to_amax(grad)
-        log2_scale = amax_to_log2_scale(amax, fmt, margin=margin, prev_log2_scale=torch.zeros_like(amax))
-        scale = torch.exp2(log2_scale)
-        stats = quantization_stats(grad, scale, cast_to_fp8(grad, scale, fmt), fmt)
-        base = f"fp8/{layer_type}/wgrad"
-        entries += [(f"{base}/scaling_bias/{idx}", log2_scale), (f"{base}/amax/{idx}", amax),
-                    (f"{base}/underflow_frac/{idx}", _frac(stats.underflowed, (grad != 0).sum()))]
-    return _collect(entries)
+def wgrad_metrics(model: nn.Module, grad_log2_scales: dict[str, float]) -> dict[str, float]:
+    """The scaling bias the FP8 gradient communication used for the weight of every Fp8Linear, from
+    ``grad_log2_scales`` ({parameter name: bias}, e.g. ``CommStats.log2_scales_by_name()``: the bias
+    of the amax MAX-reduced over ranks, identical on every rank). Reported, not recomputed: ``.grad``
+    is the reduced mean under DDP and this rank's local gradient under ZeRO, and neither sets the
+    scale that went on the wire. Layers whose weight is not in ``grad_log2_scales`` (native
+    communication, a step skipped for overflow) are left out."""
+    out = {}
+    for fqn, _ in _fp8_layers(model):
+        bias = grad_log2_scales.get(f"{fqn}.weight")
+        if bias is not None:
+            layer_type, idx = layer_key(fqn)
+            out[f"fp8/{layer_type}/wgrad/scaling_bias/{idx}"] = float(bias)
+    return out
 
 
 def optimizer_metrics(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:

@@ -7,26 +7,16 @@ Needs root with ``ip`` and ``tc`` (network namespaces, tbf qdisc); skipped with 
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from netns_utils import LAUNCH, VENV_BIN, cluster, free_port, multi_node_cmd, on_node  # noqa: F401  (fixture)
 from trainer_utils import cli_env, metrics_without_timing
 
-NETNS_CLUSTER = Path("/work/shared/tools/netns-cluster")
-# netns-cluster's names (fp8n0, fp8n1, fp8br0) are machine-wide and `up` first removes existing ones:
-# tests that use it take this lock so that two of them never share (or tear down) one cluster
-LOCK = Path("/tmp/fp8train-netns-cluster.lock")
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
-VENV_BIN = Path(sys.executable).parent
 STEPS = 20
 # launcher.cpu_threads=1: each rank would get cores / processes-on-its-node torch threads, 2 in the 2x1
 # layout and 1 in the 1x2 one. Two ranks with 2 threads each on this 2-core machine oversubscribe it
@@ -34,56 +24,6 @@ STEPS = 20
 # split their sums; the results did match with 2 threads here, but bit-exactness should not rest on it.
 CONFIG = ("experiment=smoke", "precision=fp8_o2", "logging.progress=false", "logging.log_every=1",
           "launcher.cpu_threads=1")
-
-
-def _unavailable() -> str | None:
-    if not NETNS_CLUSTER.is_file():
-        return f"{NETNS_CLUSTER} not found"
-    if os.geteuid() != 0:
-        return "netns-cluster needs root (network namespaces, tc)"
-    for tool, probe in (("ip", ["ip", "netns", "list"]), ("tc", ["tc", "qdisc", "show", "dev", "lo"])):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (iproute2)"
-        proc = subprocess.run(probe, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"`{' '.join(probe)}` fails here: {proc.stderr.strip()}"
-    return None
-
-
-@pytest.fixture
-def cluster():
-    """Two nodes at 10.213.0.1 / .2 with 1 Gbit/s links; always torn down."""
-    if (reason := _unavailable()) is not None:
-        pytest.skip(reason)
-    with LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            up = subprocess.run([str(NETNS_CLUSTER), "up", "2", "1gbit"], capture_output=True, text=True, timeout=60)
-            if up.returncode != 0 and "Operation not permitted" in up.stderr:
-                pytest.skip(f"cannot create network namespaces here: {up.stderr.strip()}")
-            assert up.returncode == 0, up.stderr
-            yield
-        finally:
-            subprocess.run([str(NETNS_CLUSTER), "down"], capture_output=True, timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def on_node(node: int, *cmd: str) -> list[str]:
-    """``cmd`` inside node ``node``: netns-cluster exports NODE_ADDR (this node) and MASTER_ADDR (node 0),
-    which multi_node.sh uses for --local-addr and the rendezvous endpoint."""
-    return [str(NETNS_CLUSTER), "run", str(node), *cmd]
-
-
-def multi_node_cmd(node: int, port: int, *overrides: str) -> list[str]:
-    # RDZV_IS_HOST: inside a namespace the hostname does not resolve, so torchrun cannot tell by itself
-    # that node 0 hosts the c10d store
-    return on_node(node, "env", "NNODES=2", "NPROC=1", f"MASTER_PORT={port}", "RUN_ID=test-multinode",
-                   f"RDZV_IS_HOST={int(node == 0)}", "bash", str(LAUNCH / "multi_node.sh"), *overrides)
 
 
 def tx_bytes(node: int, env: dict[str, str]) -> int:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fp8train._typed import ConfigError
+from fp8train.comm._agree import failed_ranks
 from fp8train.trainer.config import LauncherConfig
 
 __all__ = ["DistEnv", "agree", "broadcast_object", "distributed_session"]
@@ -109,16 +110,25 @@ def distributed_session(cfg: LauncherConfig) -> Iterator[DistEnv]:
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
-    """The env:// store (MASTER_ADDR:MASTER_PORT), under a prefix per torchrun restart attempt.
+    """The env:// store (MASTER_ADDR:MASTER_PORT); under torchrun's shared agent store, with a
+    prefix per restart attempt.
 
-    After torchrun restarts a failed group (``--max-restarts``), the new workers may meet in a
-    store that still holds the dead attempt's keys -- among them the gloo addresses of processes
-    that no longer exist -- and fail to connect ("Connection refused"). A prefix per attempt
-    (TORCHELASTIC_RESTART_COUNT) gives every attempt fresh keys."""
+    By default torchrun's agents share their rendezvous TCPStore with the workers
+    (TORCHELASTIC_USE_AGENT_STORE=True), and that store outlives a restart (``--max-restarts``):
+    the new workers would meet among the dead attempt's keys -- among them the gloo addresses of
+    processes that no longer exist -- and fail to connect ("Connection refused"). A prefix per
+    attempt (TORCHELASTIC_RESTART_COUNT) gives every attempt fresh keys; it assumes that every
+    agent restarted as often (one node, or all nodes restarting together).
+
+    With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/multi_node.sh sets it) rank 0 hosts a new
+    store at a new port each rendezvous round, so there are no stale keys and no prefix: a node that
+    died and was started again (restart count 0) meets survivors whose count is 1 (launch/README.md)."""
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT")
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(host, port, world, is_master=not agent_hosts_store and rank == 0, timeout=timeout,
                           multi_tenant=not agent_hosts_store)
+    if not agent_hosts_store:
+        return store
     return dist.PrefixStore(f"fp8train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -128,12 +138,12 @@ def _destroy_if_initialized() -> None:
 
 
 def agree(ok: bool, what: str, device: torch.device) -> None:
-    """Collective: raise on every rank if ``ok`` is False on any (the failing rank raises its own
-    error before calling this), so that no rank waits alone in a later collective."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if not flag.item():
-        raise RuntimeError(f"{what} failed on another rank; see its error")
+    """Collective: raise on every rank if ``ok`` is False on any, naming the failing ranks, so that
+    no rank waits alone in a later collective. Call it in a ``finally`` after the failing work: on
+    the failing rank its own error is then chained to this one. (To run a function and re-raise its
+    own error on the failing rank: ``fp8train.comm._agree.run_collectively``.)"""
+    if ranks := failed_ranks(not ok, device=device):
+        raise RuntimeError(f"{what} failed on rank(s) {ranks}; see their errors")
 
 
 def broadcast_object(obj: object, device: torch.device) -> object:

@@ -1,6 +1,7 @@
 """When and how the loop samples FP8 scale dynamics (``monitor.every``; metrics in
-fp8train.monitor_stats). A sampled step costs extra passes over each cast tensor and weight
-gradient, and one gather of the optimizer-state scales; ``seconds`` accumulates that cost."""
+fp8train.monitor_stats). A sampled step costs extra passes over each cast tensor, and one gather of
+the optimizer-state scales; ``seconds`` accumulates that cost. The weight gradients' biases cost
+nothing: they are the scales the strategy's FP8 gradient sync used (``grad_log2_scales()``)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ __all__ = ["Fp8Sampler"]
 class Fp8Sampler:
     def __init__(self, cfg: TrainConfig, model: nn.Module, strategy: Any) -> None:
         self.every, self.model, self.strategy = cfg.monitor.every, model, strategy
-        self.comm_format, self.comm_margin = cfg.precision.comm.fp8_format, cfg.precision.comm.margin
         self.active = False
         self.seconds = 0.0
-        self._metrics: dict[str, float] = {}
 
     def start(self, step_number: int) -> None:
         """Call before the micro-steps of optimizer step ``step_number`` (1-based)."""
@@ -32,13 +31,6 @@ class Fp8Sampler:
             arm_cast_stats(self.model, True)
             self.seconds += time.perf_counter() - t0
 
-    def before_update(self) -> None:
-        """After backward, before the optimizer step: the weight gradients as communicated."""
-        if self.active:
-            t0 = time.perf_counter()
-            self._metrics = wgrad_metrics(self.model, self.comm_format, margin=self.comm_margin)
-            self.seconds += time.perf_counter() - t0
-
     def finish(self) -> dict[str, float]:
         """After the optimizer step: every sampled metric of this step ({} when not sampled).
         Collective on sampled steps (the ranks' optimizer scales are merged: ZeRO shards them)."""
@@ -46,13 +38,13 @@ class Fp8Sampler:
             return {}
         t0 = time.perf_counter()
         arm_cast_stats(self.model, False)
-        metrics = {**self._metrics, **cast_metrics(self.model)}
+        metrics = {**wgrad_metrics(self.model, self.strategy.grad_log2_scales()), **cast_metrics(self.model)}
         optimizer = getattr(self.strategy, "local_optimizer", None)
         mine = optimizer_metrics(self.model, optimizer)
         gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         for part in gathered:
             metrics.update(part or {})
-        self.active, self._metrics = False, {}
+        self.active = False
         self.seconds += time.perf_counter() - t0
         return metrics

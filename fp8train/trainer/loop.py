@@ -82,13 +82,13 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
         fp8.start(state.step + 1)
         for micro in range(accum):
             x, y = sampler.next_batch(batch_size=mb, rank=env.rank, world_size=env.world_size)
-            with strategy.accumulating(sync=micro == accum - 1), forward_ctx_factory():
+            with strategy.accumulating(sync=micro == accum - 1), forward_ctx_factory(), \
+                    faults.activation_grad(model, state.step + 1, last_micro=micro == accum - 1):
                 _, loss = strategy.module(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True))
                 if micro == accum - 1 and (factor := faults.loss_factor(state.step + 1)) != 1.0:
                     loss = loss * factor  # an injected overflow (faults.nonfinite_*)
                 (loss / accum).backward()  # gradients accumulate in their own (high) precision
             step_loss += loss.detach().double()
-        fp8.before_update()
         outcome = strategy.step()
         fp8_metrics = fp8.finish()
         strategy.zero_grad()

@@ -21,7 +21,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fp8train._atomic import atomic_torch_save
-from fp8train.comm import ZeroConfig, ZeroOptimizer, load_zero_checkpoint, register_fp8_comm_hook, save_zero_checkpoint
+from fp8train.comm import (CommStats, ZeroConfig, ZeroOptimizer, load_zero_checkpoint, register_fp8_comm_hook,
+                           save_zero_checkpoint)
+from fp8train.comm._agree import run_collectively
 from fp8train.optim import Fp8AdamW
 from fp8train.precision import fp8_weight_names
 from fp8train.trainer.build import build_optimizer
@@ -66,9 +68,12 @@ class DdpStrategy:
             self.module = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
                                                   bucket_cap_mb=cfg.parallel.ddp_bucket_mb)
         self.hook = register_fp8_comm_hook(self.module, cfg.precision.comm) if cfg.precision.grad_comm == "fp8" else None
-        self.optimizer = build_optimizer(model.parameters(), cfg)
+        # one rank failing to build it (out of memory) raises on every rank, not at the first collective
+        self.optimizer = run_collectively("DdpStrategy: building the optimizer",
+                                          lambda: build_optimizer(model.parameters(), cfg), device=env.device)
         self.max_grad_norm = cfg.optim.max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.last_comm: CommStats | None = None  # the FP8 hook's stats of the last step
 
     @property
     def local_optimizer(self) -> torch.optim.Optimizer:
@@ -81,8 +86,13 @@ class DdpStrategy:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def grad_log2_scales(self) -> dict[str, float]:
+        """{parameter name: scaling bias the FP8 gradient all-reduce used} at the last step; {} with
+        native communication or after an overflow (see ``CommStats.log2_scales_by_name``)."""
+        return self.last_comm.log2_scales_by_name() if self.last_comm is not None else {}
+
     def step(self) -> StepOutcome:
-        stats = self.hook.pop_stats() if self.hook is not None else None
+        stats = self.last_comm = self.hook.pop_stats() if self.hook is not None else None
         found_inf = stats is not None and stats.found_inf  # the same on every rank (from the MAX-reduced amax)
         norm = None
         if not found_inf:
@@ -103,14 +113,25 @@ class DdpStrategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, directory: Path) -> None:
-        if self.env.is_main:
-            atomic_torch_save(self.model.state_dict(), directory / _MODEL_FILE)
-            atomic_torch_save(self.optimizer.state_dict(), directory / _OPTIM_FILE)
+        """Collective: rank 0 writes the replicated model and optimizer; a failure there (disk full)
+        raises on every rank, so that none goes on to wait for rank 0 in the next collective."""
+
+        def write() -> None:
+            if self.env.is_main:
+                atomic_torch_save(self.model.state_dict(), directory / _MODEL_FILE)
+                atomic_torch_save(self.optimizer.state_dict(), directory / _OPTIM_FILE)
+
+        run_collectively("DdpStrategy.save", write, device=self.env.device)
 
     def load(self, directory: Path) -> None:
-        self.model.load_state_dict(torch.load(directory / _MODEL_FILE, map_location=self.env.device, weights_only=True))
-        self.optimizer.load_state_dict(torch.load(directory / _OPTIM_FILE, map_location=self.env.device,
-                                                  weights_only=True))
+        """Collective: every rank reads the files; a failure on any raises on every rank."""
+
+        def read() -> None:
+            device = self.env.device
+            self.model.load_state_dict(torch.load(directory / _MODEL_FILE, map_location=device, weights_only=True))
+            self.optimizer.load_state_dict(torch.load(directory / _OPTIM_FILE, map_location=device, weights_only=True))
+
+        run_collectively("DdpStrategy.load", read, device=self.env.device)
 
 
 class ZeroStrategy:
@@ -124,6 +145,7 @@ class ZeroStrategy:
         fp8_names = fp8_weight_names(model) if cfg.precision.fp8_weights else []
         self.zero = ZeroOptimizer(model.named_parameters(), lambda owned: build_optimizer(owned, cfg),
                                   config=zero_cfg, fp8_weight_names=fp8_names)
+        self.last_comm: CommStats | None = None  # the gradient sync's stats of the last step
 
     @property
     def local_optimizer(self) -> torch.optim.Optimizer | None:
@@ -138,8 +160,13 @@ class ZeroStrategy:
             for group in self.zero.optimizer.param_groups:
                 group["lr"] = lr
 
+    def grad_log2_scales(self) -> dict[str, float]:
+        """{parameter name: scaling bias the FP8 gradient sync used} at the last step ({} after an overflow)."""
+        return self.last_comm.log2_scales_by_name() if self.last_comm is not None else {}
+
     def step(self) -> StepOutcome:
         result = self.zero.step()
+        self.last_comm = result.comm
         norm = float(result.grad_norm) if result.grad_norm is not None else None
         comm = result.comm.bytes_sent + getattr(result, "weight_bytes_sent", 0)
         return StepOutcome(skipped=result.skipped, grad_norm=norm, comm_bytes=comm)
