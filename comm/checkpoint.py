@@ -10,11 +10,13 @@ Layout of a checkpoint directory:
     manifest.json            written LAST by rank 0, once every rank has reported its files
                              written: world size, step() calls, skipped steps, the inner optimizer
                              and its state formats, and which file holds each parameter's state.
-A directory without manifest.json is an incomplete checkpoint; loading it raises. Every file goes
-to a temporary name in the same directory, is fsync'ed and then ``os.replace``d onto its final
-name (atomic on POSIX), so a crash never leaves a half-written file under a final name. Saving
-first deletes an old manifest, so a crash while overwriting a checkpoint leaves an incomplete one,
-never a manifest that points into a mix of two saves.
+A directory without manifest.json is an incomplete checkpoint; loading it raises. A save writes
+the whole checkpoint into ``.{name}.partial`` beside ``directory`` (each file fsync'ed), and rank 0
+then swaps it in (``fp8train._atomic.replace_dir``): an existing ``directory`` is renamed to
+``.{name}.old``, the new one to ``directory``, and only then is the old one deleted. A crash at any
+point leaves a complete checkpoint: the old or the new one under ``directory``, or the old one
+under ``.{name}.old`` between the two renames (loading falls back to it; the next save puts it
+back). ``directory`` is replaced as a whole: keep nothing else in it.
 
 Loading on M ranks: every rank reads the manifest, computes its owned parameters under the NEW
 partition, and reads only the files that hold them (M < N: a few files each; M > N: ranks share a
@@ -38,15 +40,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from fp8train._atomic import atomic_torch_save as _atomic_torch_save
 from fp8train._atomic import atomic_write as _atomic_write
+from fp8train._atomic import complete_dir, recover_dir, replace_dir
+from fp8train.comm._agree import run_collectively
+from fp8train.comm._named_state import optimizer_formats
 from fp8train.comm.zero import ZeroOptimizer
 
 __all__ = ["MANIFEST_NAME", "load_zero_checkpoint", "read_zero_manifest", "save_zero_checkpoint"]
@@ -62,40 +67,33 @@ def _optim_file(rank: int, world_size: int) -> str:
 
 
 def _collectively(zero_opt: ZeroOptimizer, what: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on every rank and agree on the outcome (one all_reduce): if it failed anywhere, it
-    raises everywhere (the failing rank its own error), so no rank goes on to wait for another in a
-    later collective or resumes alone."""
-    result, error = None, None
-    try:
-        result = fn()
-    except Exception as e:  # re-raised below, after the other ranks have heard of it
-        error = e
-    failed = torch.zeros(zero_opt.world_size, dtype=torch.int32, device=zero_opt.params[0].device)
-    failed[zero_opt.rank] = error is not None
-    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=zero_opt.group)
-    if error is not None:
-        raise error
-    if failed.any():
-        ranks = [r for r in range(zero_opt.world_size) if failed[r]]
-        raise RuntimeError(f"{what} failed on rank(s) {ranks}; see their errors")
-    return result
+    """``fn`` on every rank of ``zero_opt``'s group, failures agreed (``comm._agree``): so no rank goes
+    on to wait for another in a later collective or resumes alone."""
+    return run_collectively(what, fn, device=zero_opt.params[0].device, group=zero_opt.group)
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
 
 
 def save_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Collective: every rank of ``zero_opt.group`` calls it after the same step. Writes the layout
-    in the module docstring into ``directory`` (created if needed) and returns its path."""
+    in the module docstring into ``.{name}.partial`` beside ``directory``, then replaces
+    ``directory`` with it (created if needed), and returns its path."""
     path = Path(directory)
+    partial = _partial_dir(path)
     rank, world_size = zero_opt.rank, zero_opt.world_size
 
     def start() -> None:
         if rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / MANIFEST_NAME).unlink(missing_ok=True)
+            recover_dir(path)  # a previous save that crashed between its renames
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
 
     def write_shard() -> None:
-        _atomic_torch_save(zero_opt.state_dict(), path / _optim_file(rank, world_size))
+        _atomic_torch_save(zero_opt.state_dict(), partial / _optim_file(rank, world_size))
         if rank == 0:
-            _atomic_torch_save(model.state_dict(), path / _MODEL_FILE)
+            _atomic_torch_save(model.state_dict(), partial / _MODEL_FILE)
 
     _collectively(zero_opt, "save_zero_checkpoint (start)", start)
     _collectively(zero_opt, "save_zero_checkpoint (writing state)", write_shard)
@@ -112,9 +110,10 @@ def save_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module, direct
             "param_files": {name: _optim_file(owner, world_size)
                             for name, owner in zip(zero_opt.names, zero_opt.partition.owner)},
         }
-        _atomic_write(path / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _atomic_write(partial / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        replace_dir(partial, path)
 
-    _collectively(zero_opt, "save_zero_checkpoint (manifest)", write_manifest)
+    _collectively(zero_opt, "save_zero_checkpoint (manifest and commit)", write_manifest)
     return path
 
 
@@ -139,8 +138,9 @@ def load_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module,
     missing file or another optimizer or format is found before anything is loaded, while a model
     that does not match the weights (strict ``load_state_dict``) raises after the optimizer state
     was loaded: rebuild both before retrying."""
-    path = Path(directory)
+    path = complete_dir(directory) or Path(directory)  # .{name}.old if a save crashed between renames
     device = zero_opt.params[0].device
+    mine = optimizer_formats(zero_opt.optimizer)
 
     def load() -> dict[str, Any]:
         manifest = read_zero_manifest(path)
@@ -154,6 +154,11 @@ def load_zero_checkpoint(zero_opt: ZeroOptimizer, model: torch.nn.Module,
         first: dict[str, Any] | None = None
         for file in sorted(files):
             shard = torch.load(path / file, map_location=device, weights_only=True)
+            saved = shard.get("formats", {})  # checked per shard too: a manifest by an owner-less rank 0 names none
+            if mine["optimizer"] is not None and saved.get("optimizer") is not None and saved != mine:
+                raise ValueError(f"load_zero_checkpoint: {path / file} holds {saved['optimizer']} state with formats "
+                                 f"{saved['state_formats']}; this rank's optimizer is {mine['optimizer']} with "
+                                 f"{mine['state_formats']}")
             param_state.update(shard["param_state"])
             first = first or shard
         weights = torch.load(path / manifest["model_file"], map_location=device, weights_only=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fp8train.optim._eager import COEF_NAMES, _Lists, eager_amax, eager_store, eager_update
+from fp8train.optim._eager import COEF_NAMES, STORED_KEYS, _Lists, eager_amax, eager_store, eager_update
 from fp8train.optim._formats import PARAM_DTYPES, StateFormat
 from fp8train.optim._kernel import KernelArgs, load_kernel
 from fp8train.scaling import amax_to_log2_scale
@@ -24,6 +24,7 @@ from fp8train.scaling import amax_to_log2_scale
 __all__ = ["Bucket", "coef_matrix", "fused_eligible", "weight_amax_needed"]
 
 _NO_MASTER = -1
+_M, _V, _W = STORED_KEYS["exp_avg"], STORED_KEYS["exp_avg_sq"], STORED_KEYS["master"]
 
 
 def coef_matrix(steps: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -102,7 +103,7 @@ class Bucket:
         return self.formats[2] is not None
 
     def _weights(self) -> list[torch.Tensor]:
-        return self._list("master") if self.has_master else self.params
+        return self._list(_W) if self.has_master else self.params
 
     # ---- pass 1 / pass 2 -------------------------------------------------------------------------
 
@@ -113,7 +114,7 @@ class Bucket:
             amax = torch.zeros(len(self.params), 3, dtype=torch.float32)
             self._call_kernel("fp8adamw_pass1", scale_inv, torch.ones_like(scale_inv), amax)
             return amax
-        self._new = eager_update(self.grads, self._list("exp_avg"), self._list("exp_avg_sq"),
+        self._new = eager_update(self.grads, self._list(_M), self._list(_V),
                                  self._weights(), self.coef, scale_inv)
         return eager_amax(self._new)
 
@@ -133,8 +134,8 @@ class Bucket:
         if self.fused:
             self._call_kernel("fp8adamw_pass2", torch.exp2(-self.log2_scale), new_scale, None)
         else:
-            master = self._list("master") if self.has_master else None
-            eager_store(self._new, self.params, self._list("exp_avg"), self._list("exp_avg_sq"), master,
+            master = self._list(_W) if self.has_master else None
+            eager_store(self._new, self.params, self._list(_M), self._list(_V), master,
                         self.formats, new_scale)
             self._new = None
         torch._foreach_add_(self._list("step"), 1.0)
@@ -147,8 +148,8 @@ class Bucket:
         keep = {  # int64 pointer tables and fp32 matrices, alive for the duration of the call
             "numel": torch.tensor([p.numel() for p in self.params], dtype=torch.int64),
             "grad": _ptrs(self.grads), "param": _ptrs(self.params),
-            "exp_avg": _ptrs(self._list("exp_avg")), "exp_avg_sq": _ptrs(self._list("exp_avg_sq")),
-            "master": _ptrs(self._list("master")) if self.has_master else torch.zeros(1, dtype=torch.int64),
+            "exp_avg": _ptrs(self._list(_M)), "exp_avg_sq": _ptrs(self._list(_V)),
+            "master": _ptrs(self._list(_W)) if self.has_master else torch.zeros(1, dtype=torch.int64),
             "coef": self.coef.contiguous(), "scale_inv": scale_inv.contiguous(),
             "new_scale": new_scale.contiguous(),
             "amax": amax if amax is not None else torch.zeros(len(self.params), 3),

@@ -17,12 +17,17 @@ import torch
 
 from fp8train.optim._formats import StateFormat, decode, encode_
 
-__all__ = ["COEF_NAMES", "SLOT_NAMES", "eager_amax", "eager_store", "eager_update"]
+__all__ = ["COEF_NAMES", "SLOT_NAMES", "STORED_KEYS", "eager_amax", "eager_store", "eager_update"]
 
 # columns of the per-tensor coefficient matrix; the C kernel's enum has the same order
 COEF_NAMES = ("one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size", "bc2_sqrt_inv", "eps", "grad_mul")
 # columns of the per-tensor scale matrices (log2_scale, decode/encode multipliers, amax)
 SLOT_NAMES = ("exp_avg", "exp_avg_sq", "master")
+# Fp8AdamW's per-parameter state key of each slot's stored tensor (x * 2**log2_scale in the slot's
+# format; the bias is under f"{slot}_log2_scale"). Deliberately not torch AdamW's "exp_avg" /
+# "exp_avg_sq", which hold moments in the parameter's units: under the same names torch AdamW would
+# load our scaled codes as moments (cast to fp32, no error); under these it fails at its first step.
+STORED_KEYS = {slot: f"{slot}_scaled" for slot in SLOT_NAMES}
 
 _Lists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 

@@ -2,14 +2,16 @@
 power-of-two scales (precision-decoupled: each state gets the precision it needs).
 
 State per parameter (default dtypes; every one is configurable):
-    exp_avg     m, float8_e4m3fn  + exp_avg_log2_scale       1 byte / element
-    exp_avg_sq  v, float16        + exp_avg_sq_log2_scale    2 bytes
-    master      w, float16        + master_log2_scale        2 bytes (absent with master_dtype=None)
-    step        number of steps taken (0-d fp32)
-Stored value = x * 2**log2_scale. A step decodes the states to fp32 (exact: power-of-two scales),
-computes the AdamW update in fp32 (``_eager.py`` gives the formula), and re-encodes m, v and the
-master with fresh scales from the amax of the new values (``fp8train.scaling.amax_to_log2_scale``:
-the amax maps just under the format's max; amax 0 keeps the previous scale). The parameter then
+    exp_avg_scaled     m, float8_e4m3fn  + exp_avg_log2_scale       1 byte / element
+    exp_avg_sq_scaled  v, float16        + exp_avg_sq_log2_scale    2 bytes
+    master_scaled      w, float16        + master_log2_scale        2 bytes (absent with master_dtype=None)
+    step               number of steps taken (0-d fp32)
+Stored value = x * 2**log2_scale. The keys differ from torch AdamW's "exp_avg" / "exp_avg_sq" on
+purpose (``_eager.STORED_KEYS``): neither optimizer can take the other's state for its own.
+A step decodes the states to fp32 (exact: power-of-two scales), computes the AdamW update in fp32
+(``_eager.py`` gives the formula), and re-encodes m, v and the master with fresh scales from the
+amax of the new values (``fp8train.scaling.amax_to_log2_scale``: the amax maps just under the
+format's max; amax 0 keeps the previous scale). The parameter then
 receives the master's new value (decoded, rounded to the parameter's dtype), or the new fp32 weight
 itself when it is its own master. Numerical consequences (tested against torch.optim.AdamW):
   - fp32 states: the same trajectory as torch.optim.AdamW up to fp32 rounding.
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 from fp8train.optim._bucket import Bucket, coef_matrix, fused_eligible, weight_amax_needed
-from fp8train.optim._eager import SLOT_NAMES
+from fp8train.optim._eager import SLOT_NAMES, STORED_KEYS
 from fp8train.optim._formats import (EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS, PARAM_DTYPES,
                                      StateFormat, encode_, resolve_format)
 from fp8train.optim._kernel import load_kernel
@@ -38,6 +40,7 @@ from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 __all__ = ["Fp8AdamW"]
 
 _OWNER = "Fp8AdamW"
+_SCALE_KEYS = ("step", "exp_avg_log2_scale", "exp_avg_sq_log2_scale", "master_log2_scale")
 
 
 class Fp8AdamW(torch.optim.Optimizer):
@@ -118,15 +121,17 @@ class Fp8AdamW(torch.optim.Optimizer):
         contiguous = dict(device=p.device, memory_format=torch.contiguous_format)
         state = {
             "step": scalar(),
-            "exp_avg": torch.zeros_like(p, dtype=m_fmt.dtype, **contiguous), "exp_avg_log2_scale": scalar(),
-            "exp_avg_sq": torch.zeros_like(p, dtype=v_fmt.dtype, **contiguous), "exp_avg_sq_log2_scale": scalar(),
+            STORED_KEYS["exp_avg"]: torch.zeros_like(p, dtype=m_fmt.dtype, **contiguous),
+            "exp_avg_log2_scale": scalar(),
+            STORED_KEYS["exp_avg_sq"]: torch.zeros_like(p, dtype=v_fmt.dtype, **contiguous),
+            "exp_avg_sq_log2_scale": scalar(),
             "master_log2_scale": scalar(),
         }
         if w_fmt is not None:
             p_fp32 = p.detach().to(torch.float32)
             log2 = amax_to_log2_scale(tensor_to_amax(p_fp32), w_fmt.range) if w_fmt.scaled else scalar()
-            state["master"] = torch.empty_like(p, dtype=w_fmt.dtype, **contiguous)
-            encode_([state["master"]], [p_fp32], [torch.exp2(log2)], w_fmt)
+            master = state[STORED_KEYS["master"]] = torch.empty_like(p, dtype=w_fmt.dtype, **contiguous)
+            encode_([master], [p_fp32], [torch.exp2(log2)], w_fmt)
             state["master_log2_scale"] = log2
         return state
 
@@ -207,38 +212,59 @@ class Fp8AdamW(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Bit-exact restore. torch's loader casts every floating state tensor to its parameter's dtype
-        (right for AdamW, lossy here: an fp16 v beside a bf16 parameter would be re-rounded), so the
-        groups are loaded by torch and each state tensor is then copied from the source as is."""
-        saved = state_dict.get("fp8adamw", {})
+        """Bit-exact restore, all or nothing: the groups, formats and every state tensor are checked
+        before anything changes, so a rejected state_dict (ValueError) leaves the optimizer as it was.
+        The state tensors are copied as saved: torch's loader would cast each floating one to its
+        parameter's dtype (right for AdamW, lossy here: an fp16 v beside a bf16 parameter would be
+        re-rounded), so torch loads only the groups."""
+        saved = state_dict.get("fp8adamw")
+        if saved is None and any(key in s for s in state_dict["state"].values() for key in ("exp_avg", "exp_avg_sq")):
+            raise ValueError(f"{_OWNER}.load_state_dict: the state_dict holds torch.optim.AdamW's moments (exp_avg, "
+                             "exp_avg_sq in the parameter's units, no 'fp8adamw' entry); allowed: a state_dict "
+                             "of Fp8AdamW")
+        saved = saved or {}
         if saved.get("formats", self.state_formats) != self.state_formats:
             raise ValueError(f"{_OWNER}.load_state_dict: saved state formats {saved['formats']} differ from "
                              f"this optimizer's {self.state_formats}")
-        super().load_state_dict(state_dict)
+        mine = [len(g["params"]) for g in self.param_groups]
+        theirs = [len(g["params"]) for g in state_dict["param_groups"]]
+        if mine != theirs:
+            raise ValueError(f"{_OWNER}.load_state_dict: the saved parameter group sizes {theirs} differ from this "
+                             f"optimizer's {mine}")
+        for i, group in enumerate(state_dict["param_groups"]):
+            check_hyperparameters(f"{_OWNER}.load_state_dict param_groups[{i}]", lr=group.get("lr"),
+                                  betas=group.get("betas"), eps=group.get("eps"),
+                                  weight_decay=group.get("weight_decay"), maximize=group.get("maximize"))
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            if saved_id in state_dict["state"]:
-                state = {k: v.detach().to(device=p.device, copy=True).contiguous() if torch.is_tensor(v) else v
-                         for k, v in state_dict["state"][saved_id].items()}
-                self._check_loaded_state(state, p)
-                self.state[p] = state
+        states = {p: self._loaded_state(state_dict["state"][saved_id], p)
+                  for saved_id, p in zip(saved_ids, params) if saved_id in state_dict["state"]}
+        # nothing has changed so far; torch restores the groups (hyperparameters), then the states go in
+        super().load_state_dict({**state_dict, "state": {}})
+        for p, state in states.items():
+            self.state[p] = state
         self._skipped_steps = int(saved.get("skipped_steps", 0))
 
-    def _check_loaded_state(self, state: dict[str, Any], p: torch.Tensor) -> None:
-        """A state from another optimizer (torch's AdamW: fp32 moments) or another model must not
-        reach the kernels, which read each state with its configured dtype and the parameter's size."""
+    def _loaded_state(self, saved: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """A checked copy of one parameter's saved state, on its device. A state from another optimizer
+        or model must not reach the kernels, which read each state with its configured dtype and the
+        parameter's size. States saved before STORED_KEYS existed held the codes under the slot names."""
+        if not any(key in saved for key in STORED_KEYS.values()):
+            saved = {STORED_KEYS.get(k, k): v for k, v in saved.items()}
+        state = {k: v.detach().to(device=p.device, copy=True).contiguous() if torch.is_tensor(v) else v
+                 for k, v in saved.items()}
         m_fmt, v_fmt, w_fmt = self._formats
-        expected = {"exp_avg": m_fmt.dtype, "exp_avg_sq": v_fmt.dtype}
+        expected = {STORED_KEYS["exp_avg"]: m_fmt.dtype, STORED_KEYS["exp_avg_sq"]: v_fmt.dtype}
         if w_fmt is not None:
-            expected["master"] = w_fmt.dtype
+            expected[STORED_KEYS["master"]] = w_fmt.dtype
         for key, dtype in expected.items():
             value = state.get(key)
             if not torch.is_tensor(value) or value.dtype != dtype or value.shape != p.shape:
                 found = "missing" if not torch.is_tensor(value) else f"{value.dtype} {tuple(value.shape)}"
                 raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} is {found}; expected {dtype} "
                                  f"{tuple(p.shape)}")
-        for key in ("step", "exp_avg_log2_scale", "exp_avg_sq_log2_scale", "master_log2_scale"):
+        for key in _SCALE_KEYS:
             if not torch.is_tensor(state.get(key)) or state[key].numel() != 1:
                 raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} must be a 0-d tensor")
             state[key] = state[key].to(torch.float32).reshape(())
+        return state

@@ -80,9 +80,9 @@ def test_every_dtype_combination_updates_every_parameter(exp_avg_dtype, exp_avg_
         assert not torch.equal(_bits(p), _bits(old)), f"{name} ({p.dtype}) was not updated"
         assert torch.isfinite(p.float()).all(), name
     state = opt.state[model["bf16"].weight]
-    assert state["exp_avg"].dtype == opt._formats[0].dtype
-    assert state["exp_avg_sq"].dtype == opt._formats[1].dtype
-    assert ("master" in state) == (master_dtype is not None)
+    assert state["exp_avg_scaled"].dtype == opt._formats[0].dtype
+    assert state["exp_avg_sq_scaled"].dtype == opt._formats[1].dtype
+    assert ("master_scaled" in state) == (master_dtype is not None)
 
 
 @pytest.mark.parametrize("fused", PATHS)
@@ -290,6 +290,6 @@ def test_log2_scales_are_fresh_amax_scales_of_the_stored_states() -> None:
         state = opt.state[p]
         for key, fmax in (("exp_avg", 448.0), ("exp_avg_sq", 65504.0), ("master", 65504.0)):
             assert scales[key][i] == state[f"{key}_log2_scale"]
-            stored_amax = state[key].float().abs().max()
+            stored_amax = state[f"{key}_scaled"].float().abs().max()
             assert fmax / 2 <= stored_amax <= fmax or stored_amax == 0, (key, p.shape)
     assert opt.state_nbytes() > 0

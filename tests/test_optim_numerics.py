@@ -104,7 +104,7 @@ def test_kernel_e4m3_encoder_matches_the_reference_cast(case) -> None:
     state = opt.state[param]
     assert float(state["exp_avg_log2_scale"]) == 0.0
     expected = cast_to_fp8_reference(values, torch.tensor(1.0), E4M3)
-    assert torch.equal(_bits(state["exp_avg"]), _bits(expected))
+    assert torch.equal(_bits(state["exp_avg_scaled"]), _bits(expected))
 
 
 # ---- trajectories against torch.optim.AdamW ----------------------------------------------------

@@ -240,7 +240,7 @@ def test_resume_at_the_same_world_size_is_bit_exact(results):
 
 def test_state_saved_on_4_ranks_loads_bit_exact_on_2_and_1(results):
     saved = _merged(results["at_4"], "saved")
-    assert saved["h.0.mlp.c_fc.weight"]["exp_avg"].dtype == torch.float8_e4m3fn  # the FP8 state itself
+    assert saved["h.0.mlp.c_fc.weight"]["exp_avg_scaled"].dtype == torch.float8_e4m3fn  # the FP8 state itself
     assert all(int(s["step"]) == 5 for s in saved.values())
     _assert_states_equal(_merged(results["at_2"], "loaded_from_4"), saved, "4 -> 2")
     assert results["at_2"][0]["loaded_on_1_world"] == 1
@@ -308,13 +308,13 @@ def test_incomplete_checkpoint_and_missing_parameter_fail_loudly(results):
             assert "failed on rank(s)" in res["missing_error"], res["missing_error"]
 
 
-def test_a_failed_save_leaves_no_partial_file_and_no_manifest(results):
+def test_a_failed_save_leaves_the_previous_checkpoint_complete(results):
     for r, res in enumerate(results["at_2"]):
         # the rank that could not pickle its state raises its own error, the other names that rank
         assert res["crash_error"].startswith("AttributeError: Can't pickle" if r == 1 else
                                              "RuntimeError: save_zero_checkpoint (writing state) failed on rank(s) [1]"), \
             res["crash_error"]
-        assert MANIFEST_NAME not in res["crash_files"], "a failed save must leave the checkpoint incomplete"
+        assert MANIFEST_NAME in res["crash_files"], "a failed save must leave the previous checkpoint complete"
         assert not [f for f in res["crash_files"] if f.endswith(".tmp")], res["crash_files"]
         assert res["crash_file_kept"], f"rank {r}: the previous final file was changed"
 

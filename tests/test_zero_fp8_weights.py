@@ -128,7 +128,7 @@ def _train(rank: int, world_size: int, calls: dict[str, int], steps: int, inf_st
         if name in zero.fp8_weight_names:
             p = model.get_parameter(name)
             state = zero.optimizer.state[p]
-            decoded = (state["master"].to(torch.float32) * torch.exp2(-state["master_log2_scale"])).to(p.dtype)
+            decoded = (state["master_scaled"].to(torch.float32) * torch.exp2(-state["master_log2_scale"])).to(p.dtype)
             round_trip_ok[name] = torch.equal(p, _e4m3_round_trip(decoded))
             rounded[name] = not torch.equal(p, decoded)
     # the forward's own re-quantization (current recipe, margin 0) gives back the very same values

@@ -11,8 +11,12 @@ Layout: ``{run_dir}/checkpoints/step_{N:08d}/``
 
 Atomicity: a checkpoint is written into ``.step_{N}.partial/`` and renamed to ``step_{N}`` only
 when every rank has finished its files; the rename is atomic, so ``step_*`` directories are always
-complete and a crash leaves at most a ``.partial`` directory (removed by the next save). Older
-checkpoints beyond ``keep_last`` are deleted only after the new one is in place.
+complete and a crash leaves at most a ``.partial`` directory (removed by the next save). Saving a
+step that exists already (``fp8train._atomic.replace_dir``) moves the old one to ``.step_{N}.old``
+first and deletes it only once the new one is in place: between those renames ``latest_checkpoint``
+finds the ``.old`` one, and the next run or save puts it back. Older checkpoints beyond
+``keep_last`` are deleted only after the new one is in place (renamed to ``.step_{N}.deleting``
+first, so a half-deleted one is never taken for a checkpoint).
 """
 
 from __future__ import annotations
@@ -29,33 +33,55 @@ from typing import Any
 import torch
 from torch import nn
 
-from fp8train._atomic import atomic_torch_save, atomic_write_text, fsync_dir
+from fp8train._atomic import atomic_torch_save, atomic_write_text, complete_dir, fsync_dir, recover_dir, replace_dir
 from fp8train._typed import ConfigError
 from fp8train.recipes import ScalingState
 from fp8train.trainer.distributed import DistEnv, agree
 
-__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "latest_checkpoint", "load_checkpoint",
-           "resolve_resume", "save_checkpoint"]
+__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint",
+           "load_checkpoint", "resolve_resume", "save_checkpoint"]
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_FILE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+_OLD_RE = re.compile(r"^\.(step_\d{8})\.old$")  # a replace_dir that crashed between its renames
 
 
 def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / TRAINER_FILE).read_text())["step"])
 
 
+def checkpoints_by_step(run_dir: Path) -> dict[int, Path]:
+    """{step: complete checkpoint} under ``run_dir``: ``step_N`` directories holding trainer.json, and
+    ``.step_N.old`` where a re-save of step N crashed between its renames. Reads only."""
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return {}
+    found = {}
+    for p in root.iterdir():
+        name = p.name if _STEP_RE.match(p.name) else (m.group(1) if (m := _OLD_RE.match(p.name)) else None)
+        if name is not None and (path := complete_dir(root / name)) is not None and (path / TRAINER_FILE).is_file():
+            found[int(name[len("step_"):])] = path
+    return dict(sorted(found.items()))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint of the highest step under ``run_dir``, or None."""
-    root = run_dir / CHECKPOINTS_DIR
-    found = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / TRAINER_FILE).is_file()) \
-        if root.is_dir() else []
-    return found[-1] if found else None
+    found = checkpoints_by_step(run_dir)
+    return found[max(found)] if found else None
+
+
+def _recover(root: Path) -> None:
+    """Rank 0, before it writes under ``root``: finish re-saves that crashed (see ``replace_dir``)."""
+    for p in root.iterdir() if root.is_dir() else []:
+        if m := _OLD_RE.match(p.name):
+            recover_dir(root / m.group(1))
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint to start from: ``resume`` = "auto" | "never" | a checkpoint (or run) directory."""
+    """The checkpoint to start from: ``resume`` = "auto" | "never" | a checkpoint (or run) directory.
+    Rank 0 only (it finishes a crashed re-save under ``run_dir``)."""
+    _recover(run_dir / CHECKPOINTS_DIR)
     latest = latest_checkpoint(run_dir)
     if resume == "auto":
         return latest
@@ -65,6 +91,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
                               f"{latest.name}); allowed: resume='auto' to continue it, or another run_dir / name")
         return None
     path = Path(resume).expanduser()
+    path = complete_dir(path) or path  # step_N's .old copy if its re-save crashed between the renames
     if (path / TRAINER_FILE).is_file():
         return path
     inner = latest_checkpoint(path) if path.is_dir() else None
@@ -72,6 +99,15 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         raise ConfigError(f"resume={resume!r} is not a complete checkpoint (no {TRAINER_FILE}) nor a run directory "
                           "holding one; allowed: 'auto', 'never', or such a path")
     return inner
+
+
+def _tidy(root: Path) -> None:
+    """Rank 0, before a save: finish crashed re-saves, then drop what crashed saves left (hidden
+    ``.step_*`` directories: .partial, .deleting, and ZeRO's own temporaries ``..step_*``)."""
+    _recover(root)
+    for p in root.iterdir() if root.is_dir() else []:
+        if p.name.startswith(".") and p.name.lstrip(".").startswith("step_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _scaling_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module
     ok = False
     try:
         if env.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
+            _tidy(root)
             partial.mkdir(parents=True)
         ok = True
     finally:
@@ -115,13 +151,13 @@ def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module
     try:
         if env.is_main:
             atomic_write_text(partial / TRAINER_FILE, json.dumps({"step": step, **trainer_state}, indent=1))
-            if final.exists():  # the same step saved again (e.g. a run extended after its end)
-                shutil.rmtree(final)
-            partial.rename(final)
-            fsync_dir(root)
+            replace_dir(partial, final)  # the same step saved again: the old one goes only once this one is in
             complete = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name))
             for old in complete[:-keep_last]:
-                shutil.rmtree(old)
+                trash = old.with_name(f".{old.name}.deleting")
+                old.rename(trash)
+                shutil.rmtree(trash)
+            fsync_dir(root)
         ok = True
     finally:
         agree(ok, "checkpoint: committing", env.device)
