@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fp8train._validate import check_choice, check_int_range
-from fp8train.formats import FP8_FORMATS, Fp8Format
+from fp8train.formats import FP8_DTYPES, FP8_FORMATS, Fp8Format
 
 __all__ = ["Fp8CommConfig"]
 
@@ -16,7 +18,8 @@ _OWNER = "Fp8CommConfig"
 class Fp8CommConfig:
     """format:       FP8 format on the wire: "e4m3" (default: 3 mantissa bits, relative error <= 2**-4;
                      the shared scale already fits the global amax, so e5m2's extra range buys
-                     nothing for a mean) or "e5m2" (2 mantissa bits, relative error <= 2**-3).
+                     nothing for a mean) or "e5m2" (2 mantissa bits, relative error <= 2**-3);
+                     torch.float8_e4m3fn / torch.float8_e5m2 are accepted too and stored as the name.
     margin:          extra power-of-two headroom under the format's max (scaling bias reduced by it);
                      0 is safe here because the scale comes from the global amax of this very data.
     bucket_bytes:    gradient bytes (in their own dtype) per bucket for ``fp8_all_reduce_``: one amax
@@ -40,6 +43,8 @@ class Fp8CommConfig:
     p2p_piece_bytes: int = 4 * 2**20
 
     def __post_init__(self) -> None:
+        if isinstance(self.format, torch.dtype) and self.format in FP8_DTYPES:
+            self.format = FP8_DTYPES[self.format].name  # YAML and wandb see the name
         check_choice(_OWNER, "format", self.format, tuple(FP8_FORMATS))
         check_int_range(_OWNER, "margin", self.margin, 0, 16)
         check_int_range(_OWNER, "bucket_bytes", self.bucket_bytes, 1)

@@ -6,7 +6,7 @@ Importing this package changes nothing in torch.
 from fp8train.cast import Fp8CastStats, cast_to_fp8, quantization_stats
 from fp8train.config import Fp8Config
 from fp8train.convert import convert_to_fp8, is_fp8_eligible
-from fp8train.formats import E4M3, E5M2, FP8_FORMATS, Fp8Format, format_by_name
+from fp8train.formats import E4M3, E5M2, FP8_DTYPES, FP8_FORMATS, Fp8Format, as_fp8_format, format_by_name
 from fp8train.gemm import fp8_mm
 from fp8train.linear import Fp8Linear
 from fp8train.recipes import ScalingState
@@ -19,8 +19,10 @@ __all__ = [
     # formats
     "E4M3",
     "E5M2",
+    "FP8_DTYPES",
     "FP8_FORMATS",
     "Fp8Format",
+    "as_fp8_format",
     "format_by_name",
     # scaling and casting
     "Fp8CastStats",

@@ -6,7 +6,8 @@ Semantics (``cast_to_fp8_reference``): ``q = clamp(x_fp32 * scale, -fmax, fmax).
     differently and hide overflow. Overflow is detected from amax *before* the cast (scaling.py).
   - Rounding is round-to-nearest-even; values below half the smallest subnormal flush to (signed) 0.
   - NaN stays NaN (the sign of a NaN is not part of the contract: x86 min/max may flip it; the
-    fast path always writes 0x7F); +-inf becomes +-fmax and counts as saturated.
+    fast path always writes 0x7F); +-inf becomes +-fmax and counts as saturated; the overflow
+    itself reaches the GEMMs through the NaN ``scale_inv`` that ``ScalingState`` returns (recipes.py).
 
 Fast path (``_cast_cpu.py``): the same function in integer arithmetic on the input's bits, compiled
 once with torch.compile, for large contiguous fp32/bf16 CPU tensors. The test suite checks the two
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8train._cast_cpu import fast_cast_into, fast_cast_supports
-from fp8train.formats import Fp8Format
+from fp8train.formats import Fp8Format, as_fp8_format
 
 __all__ = [
     "FAST_CAST_MIN_NUMEL",
@@ -36,8 +37,11 @@ __all__ = [
 FAST_CAST_MIN_NUMEL = 1 << 16
 
 
-def cast_to_fp8_reference(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
-    """Eager reference cast: the semantics every other path must reproduce bit-for-bit."""
+def cast_to_fp8_reference(x_hp: torch.Tensor, scale: torch.Tensor,
+                          fmt: Fp8Format | torch.dtype | str) -> torch.Tensor:
+    """Eager reference cast: the semantics every other path must reproduce bit-for-bit.
+    ``fmt``: E4M3 / E5M2, their torch float8 dtype or config name (``as_fp8_format``)."""
+    fmt = as_fp8_format(fmt)
     y = x_hp.to(torch.float32) * scale
     return y.clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
@@ -46,7 +50,7 @@ def _use_fast_path(x_hp: torch.Tensor, fast: bool) -> bool:
     return fast and x_hp.device.type == "cpu" and x_hp.is_contiguous() and x_hp.numel() >= FAST_CAST_MIN_NUMEL
 
 
-def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format, *, fast: bool = True,
+def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format | torch.dtype | str, *, fast: bool = True,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``clamp(x_hp * scale, -fmax, fmax)`` rounded to ``fmt`` (see module docstring).
 
@@ -56,7 +60,9 @@ def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format, *, fast
     given and the reference is used.
     ``out``: a preallocated contiguous ``fmt.dtype`` tensor of x's shape to write into. Reusing
     buffers matters on CPU: a fresh multi-MB allocation is mmap'd and page-faulted on every call.
+    ``fmt``: E4M3 / E5M2, their torch float8 dtype or config name (``as_fp8_format``).
     """
+    fmt = as_fp8_format(fmt)
     if out is not None and (out.dtype != fmt.dtype or out.shape != x_hp.shape or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {fmt.dtype} tensor of shape {tuple(x_hp.shape)}")
     log2_scale = fast_cast_supports(x_hp, scale, fmt) if _use_fast_path(x_hp, fast) else None
@@ -88,8 +94,10 @@ class Fp8CastStats:
     nonfinite: torch.Tensor
 
 
-def quantization_stats(x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor, fmt: Fp8Format) -> Fp8CastStats:
+def quantization_stats(x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor,
+                       fmt: Fp8Format | torch.dtype | str) -> Fp8CastStats:
     """Counts for monitoring; costs a few extra passes, so callers sample it (every k steps)."""
+    fmt = as_fp8_format(fmt)
     y_abs = (x_hp.to(torch.float32) * scale).abs()
     return Fp8CastStats(
         numel=x_hp.numel(),

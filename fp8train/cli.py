@@ -8,11 +8,14 @@
 
 Errors in the config (an unknown key or option, a wrong type, a bad combination, bad data) print
 ONE line, ``fp8train: error: ...`` naming the key and what is allowed, exit with status 2, and
-leave nothing behind. Hydra is imported here only: ``fp8train.train.train`` takes typed configs.
+leave nothing behind (what the failed invocation had written is removed; earlier runs' files
+stay). Hydra is imported here only: ``fp8train.train.train`` takes typed configs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -75,6 +78,30 @@ def _check_overrides(argv: list[str]) -> None:
                 _fail(f"{key}={item!r} is not a config option; allowed values: {', '.join(allowed)}")
 
 
+def _tree(directory: Path) -> set[Path]:
+    """Every path under ``directory`` (links not followed), to tell later what this run added."""
+    return {Path(root) / name for root, dirs, files in os.walk(directory) for name in (*dirs, *files)}
+
+
+def _remove_created(directory: Path, before: set[Path]) -> None:
+    """Remove what this invocation added under ``directory`` (a config.yaml, a half-made wandb run)
+    before it failed; everything that was there before it started stays as it was. A run that got
+    as far as writing a checkpoint keeps everything: its outputs are results, not debris."""
+    added = _tree(directory) - before
+    if any(path.name.startswith("step_") for path in added):
+        return
+    for root, dirs, files in os.walk(directory, topdown=False):  # children before their folder
+        for path in (Path(root) / name for name in (*files, *dirs)):
+            if path in before:
+                continue
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # empty by now, unless something in it was there before
+    _remove_if_empty(directory)
+
+
 def _remove_if_empty(directory: Path) -> None:
     """Hydra creates the run directory before the config is validated; an invalid run leaves none."""
     try:
@@ -108,11 +135,12 @@ def _task(cfg: object) -> float | None:
     from fp8train.trainer.config import train_config_from_mapping
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    before = _tree(run_dir)
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         result = train(train_config_from_mapping(plain))
     except ConfigError as e:
-        _remove_if_empty(run_dir)
+        _remove_created(run_dir, before)
         _fail(str(e))
     except OmegaConfBaseException as e:  # e.g. a required value (???) left unset
         _remove_if_empty(run_dir)

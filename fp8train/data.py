@@ -15,7 +15,9 @@ by a per-epoch offset in [0, seq_len) so that window boundaries move between epo
 only state is ``position``, the number of windows the whole job has consumed: step s of rank r reads
 windows [position + r*B, position + (r+1)*B) of that stream (B = micro-batch size), so a resumed run
 reads exactly the batches an uninterrupted one would, and the global order of windows does not
-depend on the world size.
+depend on the world size. One micro-step of the job reads micro_batch_size x world_size windows, which
+must be distinct: more than the split holds is a config error (``check_micro_batch``), raised before
+anything large is allocated.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from fp8train._atomic import atomic_write
 from fp8train._typed import ConfigError
 from fp8train.corpus import corpus_files
 
-__all__ = ["DataConfig", "TokenData", "WindowSampler", "load_token_data", "prepare_token_file", "validation_windows"]
+__all__ = ["DataConfig", "TokenData", "WindowSampler", "check_micro_batch", "load_token_data", "prepare_token_file",
+           "train_windows", "validation_windows"]
 
 _BIN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 _CACHE_VERSION = 1  # bump when the prepared file's layout changes
@@ -140,6 +143,30 @@ def load_token_data(cfg: DataConfig, *, seq_len: int, vocab_size: int) -> TokenD
     return data
 
 
+def train_windows(n_tokens: int, seq_len: int) -> int:
+    """Windows of seq_len + 1 tokens the sampler cuts from a train split of ``n_tokens`` per epoch:
+    the same count whatever the epoch's shift (shift <= seq_len - 1)."""
+    return (n_tokens - seq_len) // seq_len
+
+
+def check_micro_batch(data: TokenData, *, seq_len: int, micro_batch_size: int, world_size: int) -> None:
+    """ConfigError (one line) when a micro-step of the whole job, ``micro_batch_size`` windows on
+    each of ``world_size`` processes, needs more windows than the train split holds: the batch
+    would repeat windows (and a huge one allocates gigabytes before failing). Call it right after
+    ``load_token_data``, before the model is built. Validation batches wrap around the val split
+    by design (``validation_windows``), so they need no such check."""
+    n_windows = train_windows(len(data.train), seq_len)
+    most = n_windows // world_size
+    if micro_batch_size <= most:
+        return
+    allowed = (f"train.micro_batch_size in [1, {most}]" if most >= 1 else
+               f"at most {n_windows} processes with train.micro_batch_size=1")
+    raise ConfigError(f"train.micro_batch_size={micro_batch_size} on {world_size} process(es) needs "
+                      f"{micro_batch_size * world_size} windows per micro-step, but the train split holds {n_windows} "
+                      f"windows of model.block_size + 1 = {seq_len + 1} tokens; allowed: {allowed} (or more data, "
+                      "a smaller block_size)")
+
+
 def _windows(arr: np.ndarray, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = torch.from_numpy(np.stack([arr[s: s + seq_len + 1] for s in starts.tolist()]).astype(np.int64))
     return chunk[:, :-1], chunk[:, 1:]                                          # (B, T) inputs, (B, T) targets
@@ -151,8 +178,7 @@ class WindowSampler:
 
     def __init__(self, tokens: np.ndarray, *, seq_len: int, seed: int, position: int = 0) -> None:
         self.tokens, self.seq_len, self.seed, self.position = tokens, seq_len, seed, position
-        # the same window count every epoch, whatever its shift (shift <= seq_len - 1)
-        self.n_windows = (len(tokens) - seq_len) // seq_len
+        self.n_windows = train_windows(len(tokens), seq_len)
         if self.n_windows < 1:
             raise ConfigError(f"the train split holds {len(tokens)} tokens, too few for one shifted window of "
                               f"{seq_len + 1}; use more data or a smaller model.block_size")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fp8Format", "E4M3", "E5M2", "FP8_FORMATS", "format_by_name"]
+__all__ = ["Fp8Format", "E4M3", "E5M2", "FP8_FORMATS", "FP8_DTYPES", "as_fp8_format", "format_by_name"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,6 +64,10 @@ E5M2 = Fp8Format(
 )
 
 FP8_FORMATS: dict[str, Fp8Format] = {E4M3.name: E4M3, E5M2.name: E5M2}
+# torch's float8 dtypes that are one of our formats. The fnuz variants (no -0, other bias), e8m0
+# (scales only) and anything else are different encodings, not other names for these.
+FP8_DTYPES: dict[torch.dtype, Fp8Format] = {E4M3.dtype: E4M3, E5M2.dtype: E5M2}
+_ALLOWED = "fp8train.E4M3 / torch.float8_e4m3fn / 'e4m3', fp8train.E5M2 / torch.float8_e5m2 / 'e5m2'"
 
 
 def format_by_name(name: str) -> Fp8Format:
@@ -72,3 +76,18 @@ def format_by_name(name: str) -> Fp8Format:
         return FP8_FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown FP8 format {name!r}; allowed: {sorted(FP8_FORMATS)}") from None
+
+
+def as_fp8_format(fmt: Fp8Format | torch.dtype | str) -> Fp8Format:
+    """The ``Fp8Format`` that ``fmt`` names: a format record (returned as it is), torch's float8
+    dtype of E4M3 or E5M2 (as torchao takes them), or a config name. TypeError naming the allowed
+    values for anything else, including torch's other float8 dtypes (fnuz, e8m0)."""
+    if isinstance(fmt, Fp8Format):
+        return fmt
+    if isinstance(fmt, torch.dtype):
+        found = FP8_DTYPES.get(fmt)
+    else:
+        found = FP8_FORMATS.get(fmt) if isinstance(fmt, str) else None
+    if found is None:
+        raise TypeError(f"fmt={fmt!r} is not an FP8 format fp8train supports; allowed: {_ALLOWED}")
+    return found

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fp8train.formats import Fp8Format
+from fp8train.formats import Fp8Format, as_fp8_format
 
 __all__ = [
     "LOG2_SCALE_MAX",
@@ -50,7 +50,7 @@ def tensor_to_amax(x: torch.Tensor) -> torch.Tensor:
 
 def amax_to_log2_scale(
     amax: torch.Tensor,
-    fmt: Fp8Format,
+    fmt: Fp8Format | torch.dtype | str,
     *,
     margin: int = 0,
     prev_log2_scale: torch.Tensor | None = None,
@@ -59,8 +59,10 @@ def amax_to_log2_scale(
     ``fmt.max``: ``floor(log2(fmax / amax)) - margin``.
 
     Where amax is 0, inf or nan the previous bias is kept (0, i.e. scale 1, when there is none).
-    Works elementwise, so a vector of amaxes (a whole bucket) costs one call.
+    Works elementwise, so a vector of amaxes (a whole bucket) costs one call. ``fmt``: a format
+    record, or a torch float8 dtype / config name of E4M3 or E5M2 (``as_fp8_format``).
     """
+    fmt = as_fp8_format(fmt)
     amax = amax.to(torch.float32)
     if prev_log2_scale is None:
         prev_log2_scale = torch.zeros_like(amax)
@@ -78,7 +80,7 @@ def amax_to_log2_scale(
 
 def amax_to_scale(
     amax: torch.Tensor,
-    fmt: Fp8Format,
+    fmt: Fp8Format | torch.dtype | str,
     *,
     margin: int = 0,
     prev_scale: torch.Tensor | None = None,
@@ -88,5 +90,6 @@ def amax_to_scale(
 
     Known answers: E4M3, amax 10 -> 32 (10 * 32 = 320 <= 448 < 640); amax 1e4 -> 1/32.
     """
+    fmt = as_fp8_format(fmt)
     prev_log2 = None if prev_scale is None else torch.log2(prev_scale.to(torch.float32))
     return torch.exp2(amax_to_log2_scale(amax, fmt, margin=margin, prev_log2_scale=prev_log2))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8train.cast import Fp8CastStats, cast_to_fp8, quantization_stats
-from fp8train.formats import E4M3, FP8_FORMATS, Fp8Format
+from fp8train.formats import E4M3, FP8_FORMATS, Fp8Format, as_fp8_format
 from fp8train.scaling import amax_to_scale, tensor_to_amax
 
 __all__ = ["Fp8Tensor", "dequantize", "quantize"]
@@ -61,7 +61,7 @@ class Fp8Tensor:
 
 def quantize(
     x_hp: torch.Tensor,
-    fmt: Fp8Format = E4M3,
+    fmt: Fp8Format | torch.dtype | str = E4M3,
     *,
     scale: torch.Tensor | None = None,
     margin: int = 0,
@@ -71,12 +71,14 @@ def quantize(
 ) -> Fp8Tensor:
     """Quantize a high-precision tensor to FP8.
 
+    fmt:        E4M3 / E5M2, or torch.float8_e4m3fn / torch.float8_e5m2, or "e4m3" / "e5m2".
     scale:      power-of-two fp32 scale to use; default: just-in-time from this tensor's amax
                 (the ``current`` recipe), with ``margin`` extra powers of two of headroom.
     with_stats: also count saturated / underflowed / non-finite elements (extra passes).
     fast:       allow the compiled CPU cast kernel for large tensors (bit-identical).
     out:        preallocated ``fmt.dtype`` tensor of x's shape to write the data into.
     """
+    fmt = as_fp8_format(fmt)
     if scale is None:
         scale = amax_to_scale(tensor_to_amax(x_hp), fmt, margin=margin)
     scale = scale.to(device=x_hp.device, dtype=torch.float32)

@@ -9,6 +9,7 @@ From Python: ``train(TrainConfig(...))`` or ``train(train_config_from_mapping({.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +17,15 @@ import yaml
 
 from fp8train._atomic import atomic_write_text
 from fp8train._typed import ConfigError
-from fp8train.data import WindowSampler, load_token_data, prepare_token_file
+from fp8train.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
 from fp8train.precision import apply_precision
 from fp8train.trainer.build import build_model, count_parameters
-from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume
+from fp8train.trainer.checkpoint import TRAINER_FILE, load_checkpoint, resolve_resume
 from fp8train.trainer.config import TrainConfig, train_config_to_mapping
 from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
 from fp8train.trainer.loop import LoopState, run_loop
-from fp8train.trainer.monitor import Monitor
+from fp8train.trainer.monitor import Monitor, check_wandb_login
+from fp8train.trainer.resume import abandon_tag, check_resume_config, set_aside_later_checkpoints
 from fp8train.trainer.strategy import build_strategy
 
 __all__ = ["TrainResult", "check_zero_world_size", "train"]
@@ -45,13 +47,33 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path | None:
     if env.is_main:
         try:
             prepare_token_file(cfg.data)
+            check_wandb_login(cfg.logging)  # logging.wandb=online without credentials: before any write
             result = resolve_resume(cfg.resume, run_dir)
+            if result is not None:  # another model, precision, optimizer, data: refused before any write
+                check_resume_config(json.loads((result / TRAINER_FILE).read_text()).get("config"), cfg, result)
         except Exception as e:  # re-raised on every rank below
             result = e
     result = broadcast_object(result, env.device)
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def _set_aside_abandoned(run_dir: Path, step: int, env: DistEnv, monitor: Monitor) -> None:
+    """Rank 0 moves what lies beyond ``step`` (checkpoints, metrics records) aside, nothing deleted.
+    Called once nothing can refuse the run any more: the CLI removes what a refused run created."""
+    ok, lines = False, []
+    try:
+        tag = abandon_tag(step)
+        if env.is_main and (moved := set_aside_later_checkpoints(run_dir, step, tag)) is not None:
+            lines.append(f"checkpoints of steps after {step} (an abandoned trajectory) moved to {moved}")
+        if (aside := monitor.open_metrics(tag)) is not None:
+            lines.append(f"metrics.jsonl records of steps after {step} moved to {aside}")
+        ok = True
+    finally:
+        agree(ok, "setting aside checkpoints and metrics of later steps", env.device)
+    for line in lines:
+        monitor.print(line)
 
 
 def check_zero_world_size(strategy: str, *, n_tensors: int, world_size: int) -> None:
@@ -69,6 +91,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     with distributed_session(cfg.launcher) as env:
         resume_from = _prepare(cfg, env, run_dir)
         data = load_token_data(cfg.data, seq_len=cfg.block_size, vocab_size=cfg.vocab_size)
+        check_micro_batch(data, seq_len=cfg.block_size, micro_batch_size=cfg.train.micro_batch_size,
+                          world_size=env.world_size)
         model = build_model(cfg.model, seed=cfg.seed, device=env.device)
         forward_ctx = apply_precision(model, cfg.precision, env.device)  # a context factory
         check_zero_world_size(cfg.strategy, n_tensors=sum(p.requires_grad for p in model.parameters()),
@@ -85,14 +109,20 @@ def train(cfg: TrainConfig) -> TrainResult:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
         agree(True, "run directory", env.device)
-        monitor = Monitor(cfg.logging, run_dir=run_dir, run_name=cfg.name, config=plain, is_main=env.is_main,
-                          start_step=state.step, total_steps=cfg.train.steps, wandb_id=wandb_id)
+        monitor_ok = False
+        try:  # rank 0 starts wandb; should that fail, every rank stops here rather than wait for it
+            monitor = Monitor(cfg.logging, run_dir=run_dir, run_name=cfg.name, config=plain, is_main=env.is_main,
+                              start_step=state.step, total_steps=cfg.train.steps, wandb_id=wandb_id)
+            monitor_ok = True
+        finally:
+            agree(monitor_ok, "starting the monitor (wandb)", env.device)
         try:
             monitor.print(f"{cfg.name}: {cfg.model.arch} {count_parameters(model) / 1e6:.2f} M params | precision "
                           f"{cfg.precision.name} | {cfg.strategy} on {env.world_size} x {env.device.type} | data "
                           f"{data.source} ({len(data.train) / 1e6:.2f} M train tokens) | run_dir {run_dir}")
             if resume_from is not None:
                 monitor.print(f"resumed from {resume_from} at step {state.step}")
+            _set_aside_abandoned(run_dir, state.step, env, monitor)
             if state.step >= cfg.train.steps:
                 monitor.print(f"nothing to do: the run is at step {state.step} of train.steps={cfg.train.steps}")
 

@@ -100,22 +100,61 @@ def test_edge_table(fmt: Fp8Format, fast: bool) -> None:
             assert bool(got[i].signbit()) == (math.copysign(1.0, expected) < 0), case
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def _scaled_inputs(log2_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Magnitudes around the FP8 range *at this scale*, plus fp32 subnormals, zeros and specials;
+    large enough for the fast path."""
+    x = torch.exp2(torch.empty(3 * FAST_CAST_MIN_NUMEL + 7).uniform_(-30, 20) - log2_scale)
+    x = (x * torch.where(torch.rand_like(x) < 0.5, -1.0, 1.0)).to(dtype)
+    specials = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-40, -3e38]
+    x[::997] = torch.tensor(specials * 1000)[: x[::997].numel()].to(dtype)
+    return x
+
+
+def _assert_same_codes(got: torch.Tensor, expected: torch.Tensor, case: object) -> None:
+    nan = expected.to(torch.float32).isnan()
+    assert torch.equal(got.to(torch.float32).isnan(), nan), case  # NaN sign is not part of the contract
+    assert torch.equal(_codes(got)[~nan], _codes(expected)[~nan]), case
+
+
+def _fast_path_scales(fmt: Fp8Format) -> list[int]:
+    lo, hi = _log2_scale_range(fmt)  # the fast path's accepted scales
+    return [lo, -20, -3, 0, 5, 24, hi]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_fast_path_equals_reference_for_scaled_inputs(fmt: Fp8Format, dtype: torch.dtype) -> None:
-    lo, hi = _log2_scale_range(fmt)  # the fast path's accepted scales; beyond them: the reference
-    for log2_scale in (lo - 1, lo, -20, -3, 0, 5, 24, hi, hi + 1, 0.5):
+    # two independent implementations (integer bit arithmetic vs torch's cast), compared only where
+    # the fast one is really taken
+    for log2_scale in _fast_path_scales(fmt):
         scale = torch.tensor(2.0**log2_scale)
-        # magnitudes around the FP8 range *at this scale*, plus fp32 subnormals, zeros and specials
-        x = torch.exp2(torch.empty(3 * FAST_CAST_MIN_NUMEL + 7).uniform_(-30, 20) - log2_scale)
-        x = (x * torch.where(torch.rand_like(x) < 0.5, -1.0, 1.0)).to(dtype)
-        specials = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-40, -3e38]
-        x[::997] = torch.tensor(specials * 1000)[: x[::997].numel()].to(dtype)
+        x = _scaled_inputs(log2_scale, dtype)
+        assert fast_cast_supports(x, scale, fmt) == log2_scale and x.numel() >= FAST_CAST_MIN_NUMEL
         fast = cast_to_fp8(x, scale, fmt, fast=True)
-        ref = cast_to_fp8_reference(x, scale, fmt)
-        nan = ref.to(torch.float32).isnan()
-        assert torch.equal(fast.to(torch.float32).isnan(), nan)  # NaN sign is not part of the contract
-        assert torch.equal(_codes(fast)[~nan], _codes(ref)[~nan]), (fmt.name, dtype, log2_scale)
+        _assert_same_codes(fast, cast_to_fp8_reference(x, scale, fmt), (fmt.name, dtype, log2_scale))
+
+
+def _ml_dtypes_cast(x: torch.Tensor, scale: float, fmt: Fp8Format) -> torch.Tensor:
+    """The cast's documented semantics in numpy + ml_dtypes: fp32 product, clamp, RNE to FP8."""
+    with np.errstate(over="ignore"):  # an fp32 product beyond fp32's max is inf, then clamped
+        y = x.to(torch.float32).numpy() * np.float32(scale)
+    y = np.clip(y, -fmt.max, fmt.max).astype(np.float32)  # +-inf -> +-fmax; NaN and -0 stay
+    return torch.from_numpy(y.astype(ML_DTYPE[fmt.name]).view(np.uint8).copy()).view(fmt.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_scaled_inputs_the_fast_path_declines_match_ml_dtypes(fmt: Fp8Format, dtype: torch.dtype) -> None:
+    # fp16 inputs, and scales outside the fast path's range or not a power of two (2**0.5), take
+    # the eager cast; it is checked against ml_dtypes (an independent FP8 rounding), not itself
+    lo, hi = _log2_scale_range(fmt)
+    scales = (lo - 1, hi + 1, 0.5) if dtype != torch.float16 else (lo - 1, lo, -3, 0, 24, hi, hi + 1, 0.5)
+    for log2_scale in scales:
+        scale = torch.tensor(2.0**log2_scale)
+        x = _scaled_inputs(log2_scale, dtype)
+        assert fast_cast_supports(x, scale, fmt) is None
+        got = cast_to_fp8(x, scale, fmt, fast=True)
+        _assert_same_codes(got, _ml_dtypes_cast(x, float(scale), fmt), (fmt.name, dtype, log2_scale))
 
 
 def test_quantization_stats_count_saturation_underflow_and_nonfinite() -> None:
