@@ -138,11 +138,12 @@ def _destroy_if_initialized() -> None:
 
 
 def agree(ok: bool, what: str, device: torch.device) -> None:
-    """Collective: raise on every rank if ``ok`` is False on any, naming the failing ranks, so that
-    no rank waits alone in a later collective. Call it in a ``finally`` after the failing work: on
-    the failing rank its own error is then chained to this one. (To run a function and re-raise its
-    own error on the failing rank: ``fp8train.comm._agree.run_collectively``.)"""
-    if ranks := failed_ranks(not ok, device=device):
+    """Collective: if ``ok`` is False on any rank, every rank whose ``ok`` is True raises a
+    RuntimeError naming the failing ranks, so that no rank waits alone in a later collective. Call
+    it in a ``finally`` after the work that may fail: a failing rank's own error is in flight there
+    and is the one that propagates. (To run a function and agree on its outcome:
+    ``fp8train.comm._agree.run_collectively``.)"""
+    if (ranks := failed_ranks(not ok, device=device)) and ok:
         raise RuntimeError(f"{what} failed on rank(s) {ranks}; see their errors")
 
 
