@@ -9,7 +9,6 @@ From Python: ``train(TrainConfig(...))`` or ``train(train_config_from_mapping({.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from fp8train._typed import ConfigError
 from fp8train.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
 from fp8train.precision import apply_precision
 from fp8train.trainer.build import build_model, count_parameters
-from fp8train.trainer.checkpoint import TRAINER_FILE, load_checkpoint, resolve_resume
+from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume, saved_config
 from fp8train.trainer.config import TrainConfig, train_config_to_mapping
 from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
 from fp8train.trainer.loop import LoopState, run_loop
@@ -50,7 +49,7 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path | None:
             check_wandb_login(cfg.logging)  # logging.wandb=online without credentials: before any write
             result = resolve_resume(cfg.resume, run_dir)
             if result is not None:  # another model, precision, optimizer, data: refused before any write
-                check_resume_config(json.loads((result / TRAINER_FILE).read_text()).get("config"), cfg, result)
+                check_resume_config(saved_config(result), cfg, result)
         except Exception as e:  # re-raised on every rank below
             result = e
     result = broadcast_object(result, env.device)

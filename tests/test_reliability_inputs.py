@@ -62,8 +62,8 @@ CASES = [
     ("resume_truncated_optim", [], {}, {"optim.pt": _truncate}, "optim.pt"),
     ("resume_garbage_rank_file", [], {}, {"rank0.pt": _garbage}, "rank0.pt"),
     ("resume_garbage_trainer_json", [], {}, {"trainer.json": lambda _: b"{not json"}, "trainer.json"),
-    ("resume_other_width", ["model.n_embd=64"], {}, {}, "does not fit this model (model.*): size mismatch for wte.weight"),
-    ("resume_other_arch", ["model=llama_tiny"], {}, {}, "does not fit this model"),
+    ("resume_other_width", ["model.n_embd=64"], {}, {}, "was saved with other settings that define its state: model.n_embd 128 -> 64"),
+    ("resume_other_arch", ["model=llama_tiny"], {}, {}, "model.arch 'gpt' -> 'llama'"),
 ]
 # valid inputs that must NOT fail: (id, extra args, check of stderr)
 VALID = [

@@ -38,13 +38,21 @@ from fp8train._typed import ConfigError
 from fp8train.recipes import ScalingState
 from fp8train.trainer.distributed import DistEnv, agree
 
-__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint",
-           "load_checkpoint", "resolve_resume", "save_checkpoint"]
+__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint", "load_checkpoint", "resolve_resume", "save_checkpoint", "saved_config"]
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_FILE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _OLD_RE = re.compile(r"^\.(step_\d{8})\.old$")  # a replace_dir that crashed between its renames
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was saved with (trainer.json's "config"; None in one that has none).
+    A damaged trainer.json: ConfigError naming it, as ``load_checkpoint`` gives for any damaged file."""
+    try:
+        return json.loads((path / TRAINER_FILE).read_text()).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise _load_error(path, e) or e from None
 
 
 def checkpoint_step(path: Path) -> int:
