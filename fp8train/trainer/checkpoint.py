@@ -38,7 +38,8 @@ from fp8train._typed import ConfigError
 from fp8train.recipes import ScalingState
 from fp8train.trainer.distributed import DistEnv, agree
 
-__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint", "load_checkpoint", "resolve_resume", "save_checkpoint", "saved_config"]
+__all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint",
+           "load_checkpoint", "resolve_resume", "save_checkpoint", "saved_config"]
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_FILE = "trainer.json"
