@@ -1,4 +1,4 @@
-"""Saving a checkpoint that exists already (issue 13, item 6): a crash at any point of the
+"""Saving a checkpoint that exists already: a crash at any point of the
 replacement leaves the old or the new checkpoint complete and findable, and the next save cleans up.
 Both writers: the trainer's ``save_checkpoint`` and the library's ``save_zero_checkpoint``. A crash is
 an exception raised by one of ``fp8train._atomic``'s own directory operations (``_rename``,

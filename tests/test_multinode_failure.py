@@ -1,4 +1,4 @@
-"""A whole node dies (issue 13, item 9): 2 network-namespace "nodes" x 1 process, c10d rendezvous,
+"""A whole node dies: 2 network-namespace "nodes" x 1 process, c10d rendezvous,
 ``MAX_RESTARTS=1``; every process of node 1 (torchrun agent and worker) is SIGKILLed mid-run, and node
 1 is started again with the same command, as a scheduler would (SLURM requeue, a Kubernetes restart).
 The job must resume from the last checkpoint and finish with the uninterrupted run's metrics, bit

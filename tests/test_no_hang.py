@@ -1,4 +1,4 @@
-"""No rank waits for another's error (issue 13, item 8): when a step, the optimizer's construction or
+"""No rank waits for another's error: when a step, the optimizer's construction or
 a checkpoint save fails on ONE rank, every rank raises within seconds, instead of the healthy ranks
 entering the next collective and waiting there for the process group's timeout.
 

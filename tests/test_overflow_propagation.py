@@ -1,4 +1,4 @@
-"""An inf in any of an ``Fp8Linear``'s three casts must not vanish (issue 13, item 1).
+"""An inf in any of an ``Fp8Linear``'s three casts must not vanish.
 
 The casts clamp +-inf to +-fmax (their contract, fp8train/cast.py); what keeps the overflow visible
 is that the ``Fp8Tensor`` a ``ScalingState`` returns for a non-finite amax carries a NaN

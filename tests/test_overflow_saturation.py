@@ -1,5 +1,5 @@
-"""A finite gradient near its dtype's max must come back finite from the FP8 all-reduce (issue 13,
-item 2), and a true inf must still be reported.
+"""A finite gradient near its dtype's max must come back finite from the FP8 all-reduce, and a true
+inf must still be reported.
 
 fp16 64000 with E4M3: amax 64000 -> scale 2**-8 -> 250 on the FP8 grid rounds to 256 -> decoded
 256 * 2**8 = 65536 > 65504 = fp16 max. Decoding saturates to +-dtype max (fp8train/_decode_cpu.py).

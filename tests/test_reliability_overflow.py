@@ -1,5 +1,5 @@
-"""An inf inside the backward (not in the loss) is skipped by every rank, end to end through the CLI
-(issue 13, item 1): ``faults.nonfinite_where=activation_grad`` puts inf into the gradient flowing into
+"""An inf inside the backward (not in the loss) is skipped by every rank, end to end through the CLI:
+``faults.nonfinite_where=activation_grad`` puts inf into the gradient flowing into
 the first FP8 linear layer's output (llama_tiny: layers.0.attn.wq, bias-free) on rank 1. The FP8
 casts clamp inf, so only the NaN scale_inv of that grad_output cast (fp8train/recipes.py) carries the
 overflow into the gradients; every rank must then skip the step with its weights bit-identical.

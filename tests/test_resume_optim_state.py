@@ -1,4 +1,4 @@
-"""Optimizer state that must not be mistaken for another's, nor half-loaded (issue 13, items 4 and 7):
+"""Optimizer state that must not be mistaken for another's, nor half-loaded:
 torch.optim.AdamW refuses Fp8AdamW's scaled codes and Fp8AdamW refuses torch's moments; a rejected
 state leaves Fp8AdamW exactly as it was; a ZeRO checkpoint of one inner optimizer is refused by
 another, even when its manifest names no optimizer (rank 0 owned nothing).
@@ -55,7 +55,7 @@ def _assert_same(a: object, b: object, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
-# ---- item 4, library: neither optimizer loads the other's state ---------------------------------
+# ---- neither optimizer loads the other's state ---------------------------------
 
 def test_torch_adamw_refuses_fp8adamw_state_at_the_latest_at_its_first_step():
     # Today's failure: torch AdamW loads Fp8AdamW's state (same key names), casts the e4m3 / fp16
@@ -94,7 +94,7 @@ def test_a_state_saved_under_the_old_key_names_still_loads_bit_exact():
     _assert_same(fresh.state_dict(), current)
 
 
-# ---- item 7: validate before changing anything --------------------------------------------------
+# ---- validate before changing anything --------------------------------------------------
 
 def _wrong_dtype(sd: dict) -> None:
     last = max(sd["state"])
@@ -146,7 +146,7 @@ def test_a_rejected_state_leaves_the_optimizer_exactly_as_before(case):
     assert target.skipped_steps == 0
 
 
-# ---- item 4, ZeRO: the inner optimizer recorded in the checkpoint is checked -----------------------
+# ---- the inner optimizer recorded in the checkpoint is checked -----------------------
 
 def _worker_zero_formats(rank: int, world_size: int, directory: str) -> dict[str, str]:
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Resume must not corrupt or destroy (issue 13, items 4 and 5): a checkpoint is refused by a config
+"""Resume must not corrupt or destroy: a checkpoint is refused by a config
 that would read its state as something else (another optimizer, state format, model, data, betas,
 DDP vs ZeRO), with one line naming the keys and before anything is written, while steps, schedule,
 logging and the like may change; resuming from an earlier checkpoint moves the abandoned
@@ -49,7 +49,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-# ---- item 4: settings that define the saved state must match --------------------------------------
+# ---- settings that define the saved state must match --------------------------------------
 
 MISMATCHES = {  # override -> the dotted key the error must name
     "other_optimizer": (("precision.optimizer=adamw",), "precision.optimizer 'fp8_adamw' -> 'adamw'"),
@@ -105,7 +105,7 @@ def test_the_cli_exits_2_with_one_line_naming_the_keys(run_dir, cache_dir):
     assert _files(run_dir) == before
 
 
-# ---- item 5: an abandoned trajectory is moved aside, not deleted nor left in the way --------------
+# ---- an abandoned trajectory is moved aside, not deleted nor left in the way --------------
 
 def test_resuming_from_an_earlier_checkpoint_moves_the_later_ones_and_their_metrics_aside(run_dir, cache_dir,
                                                                                           capsys):

@@ -7,22 +7,7 @@ import pytest
 import torch
 
 from dist_utils import run_workers
-from fp8train.precision import apply_precision
-from fp8train.trainer.build import build_model
-from fp8train.trainer.config import train_config_from_mapping
-from fp8train.trainer.distributed import DistEnv
-from fp8train.trainer.strategy import build_strategy
-
-
-def _setup(rank: int, world: int, preset: dict):
-    cfg = train_config_from_mapping({"model": {"arch": "gpt", "name": "t", "n_layer": 1, "n_embd": 32, "n_head": 2,
-                                               "block_size": 16}, "precision": preset})
-    env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device=torch.device("cpu"))
-    model = build_model(cfg.model, seed=0, device=env.device)
-    apply_precision(model, cfg.precision, env.device)
-    strategy = build_strategy(model, cfg, env)
-    strategy.set_lr(1e-2)
-    return model, strategy
+from trainer_utils import tiny_strategy
 
 
 def _micro_step(model, strategy, rank: int, poison: bool) -> None:
@@ -34,7 +19,7 @@ def _micro_step(model, strategy, rank: int, poison: bool) -> None:
 
 
 def _worker(rank: int, world: int, preset: dict) -> dict:
-    model, strategy = _setup(rank, world, preset)
+    model, strategy = tiny_strategy(rank, world, preset)
     snapshot = lambda: [p.detach().clone() for p in model.parameters()]  # noqa: E731
     _micro_step(model, strategy, rank, poison=False)
     first = strategy.step()

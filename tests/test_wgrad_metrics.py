@@ -1,5 +1,5 @@
-"""The ``wgrad`` scaling-bias metrics are the scales the FP8 gradient all-reduce used (issue 13,
-item 12), as ``CommStats.log2_scales`` reported them, keyed by parameter name; not a scale recomputed
+"""The ``wgrad`` scaling-bias metrics are the scales the FP8 gradient all-reduce used, as
+``CommStats.log2_scales`` reported them, keyed by parameter name; not a scale recomputed
 from ``.grad`` (under DDP the reduced mean, under ZeRO this rank's local gradient).
 
 2 gloo ranks; rank 0's loss is multiplied by 0, so its local gradients are 0 and the global amax is

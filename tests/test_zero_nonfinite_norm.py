@@ -1,4 +1,4 @@
-"""ZeRO and DDP agree on a non-finite clipping norm (issue 13, item 3): gradients that are finite
+"""ZeRO and DDP agree on a non-finite clipping norm: gradients that are finite
 (so they pass the FP8 all-reduce without overflow) but whose squares overflow fp32 give a global norm
 of inf; both strategies skip that step on every rank, with weights and optimizer state untouched.
 
@@ -12,28 +12,12 @@ import pytest
 import torch
 
 from dist_utils import run_workers
-from fp8train.precision import apply_precision
-from fp8train.trainer.build import build_model
-from fp8train.trainer.config import train_config_from_mapping
-from fp8train.trainer.distributed import DistEnv
-from fp8train.trainer.strategy import build_strategy
+from trainer_utils import tiny_strategy
 
 # 1e30 * a gradient of order 1e-3..1 is finite in fp32 (max 3.4e38), so the FP8 comm's amax is finite
 # and it scales by ~2**-91, but its square (>= 1e54) overflows fp32: the sum of squares is inf
 HUGE_LOSS_FACTOR = 1e30
 PRESET = {"gemm": "fp32", "grad_comm": "fp8", "optimizer": "fp8_adamw"}
-
-
-def _setup(rank: int, world: int, strategy: str):
-    cfg = train_config_from_mapping({"model": {"arch": "gpt", "name": "t", "n_layer": 1, "n_embd": 32, "n_head": 2,
-                                               "block_size": 16}, "precision": PRESET,
-                                     "optim": {"max_grad_norm": 1.0}, "parallel": {"strategy": strategy}})
-    env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device=torch.device("cpu"))
-    model = build_model(cfg.model, seed=0, device=env.device)
-    apply_precision(model, cfg.precision, env.device)
-    strategy_obj = build_strategy(model, cfg, env)
-    strategy_obj.set_lr(1e-2)
-    return model, strategy_obj
 
 
 def _step(model, strategy, rank: int, loss_factor: float):
@@ -64,7 +48,7 @@ def _snapshot(model, strategy) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, world: int, strategy_name: str) -> dict:
-    model, strategy = _setup(rank, world, strategy_name)
+    model, strategy = tiny_strategy(rank, world, PRESET, optim={"max_grad_norm": 1.0}, parallel={"strategy": strategy_name})
     first = _step(model, strategy, rank, 1.0)  # creates the optimizer state
     before = _snapshot(model, strategy)
     huge = _step(model, strategy, rank, HUGE_LOSS_FACTOR)

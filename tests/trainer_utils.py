@@ -58,3 +58,23 @@ def assert_one_line_error(returncode: int, stderr: str, message: str) -> None:
     assert returncode == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("fp8train: error: "), stderr
     assert message in lines[0], lines[0]
+
+
+def tiny_strategy(rank: int, world: int, precision: dict, **groups: dict):
+    """(model, strategy) for a 1-layer GPT (width 32, block 16) on this rank of a gloo group that
+    the caller set up; ``groups`` adds config groups, e.g. ``parallel={"strategy": "zero2"}``."""
+    import torch
+
+    from fp8train.precision import apply_precision
+    from fp8train.trainer.build import build_model
+    from fp8train.trainer.distributed import DistEnv
+    from fp8train.trainer.strategy import build_strategy
+
+    cfg = train_config_from_mapping({"model": {"arch": "gpt", "name": "t", "n_layer": 1, "n_embd": 32, "n_head": 2,
+                                               "block_size": 16}, "precision": precision, **groups})
+    env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device=torch.device("cpu"))
+    model = build_model(cfg.model, seed=0, device=env.device)
+    apply_precision(model, cfg.precision, env.device)
+    strategy = build_strategy(model, cfg, env)
+    strategy.set_lr(1e-2)
+    return model, strategy
