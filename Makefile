@@ -27,7 +27,7 @@ train: $(STAMP)
 	$(VENV)/bin/fp8train $(ARGS)
 
 demo: $(STAMP)
-	$(PY) -m fp8train.demo
+	$(PY) -m fp8train.trainer.demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -29,11 +29,15 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-from fp8train._gloo_spawn import run_on_gloo
+# the multi-process runner is a test fixture (tests/gloo_spawn.py), not part of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from gloo_spawn import run_on_gloo  # noqa: E402
 
 MODEL = dict(vocab_size=256, block_size=64, n_layer=8, n_head=8, n_embd=512)
 

@@ -1,6 +1,6 @@
-"""``python -m fp8train``: the same as the ``fp8train`` command (see fp8train/cli.py)."""
+"""``python -m fp8train``: the same as the ``fp8train`` command (see fp8train/trainer/cli.py)."""
 
-from fp8train.cli import main
+from fp8train.trainer.cli import main
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ from torch import nn
 from fp8train.config import Fp8Config
 from fp8train.formats import E4M3
 from fp8train.gemm import fp8_mm
-from fp8train.recipes import ScalingState
+from fp8train.scaling_state import ScalingState
 from fp8train.tensor import Fp8Tensor
 
 __all__ = ["Fp8Linear"]

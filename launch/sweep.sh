@@ -12,7 +12,7 @@
 # directory. The name holds no timestamp, so running the sweep again resumes every run from its latest
 # checkpoint (resume=auto) and skips finished ones; settings that do not change what a run computes
 # (resume, logging.*, monitor.*, launcher.timeout_s, ...: exclude_keys in configs/config.yaml) are left
-# out of the name. Each run dir has metrics.jsonl (fp8train.trainer.monitor.read_metrics),
+# out of the name. Each run dir has metrics.jsonl (fp8train.trainer.run_log.read_metrics),
 # config.yaml and checkpoints/; multirun/multirun.yaml records the sweep. With logging=wandb_offline the
 # runs also land in <run dir>/wandb for `wandb sync`.
 #

@@ -35,7 +35,7 @@ def _seed() -> None:
 def markov_train_losses(model: torch.nn.Module, steps: int, *, lr: float = 3e-3) -> list[float]:
     """Per-step losses of ``model`` (vocab 64, block 32) trained with AdamW on synthetic Markov
     tokens; the same data and batch order for every call, so two models compare step by step."""
-    from fp8train.synthetic import MarkovTokens
+    from synthetic import MarkovTokens
 
     data = MarkovTokens(64, 32, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

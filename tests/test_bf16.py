@@ -14,12 +14,12 @@ from torch import nn
 
 from conftest import markov_train_losses
 from fp8train import Fp8Linear, convert_to_fp8
-from fp8train.bf16 import Bf16Linear, bf16_autocast, convert_to_bf16_emulated, round_to_bf16
+from fp8train.trainer.bf16 import Bf16Linear, bf16_autocast, convert_to_bf16_emulated, round_to_bf16
 from fp8train.models import GPT, GPTConfig
 
 
 def _r(t: torch.Tensor) -> torch.Tensor:
-    """The reference's rounding, spelled out independently of fp8train.bf16."""
+    """The reference's rounding, spelled out independently of fp8train.trainer.bf16."""
     return t.to(torch.bfloat16).to(torch.float32)
 
 

@@ -65,6 +65,6 @@ def test_bad_config_or_data_fails_in_one_line(outcomes, request, message):
 
 
 def test_strip_deepspeed_local_rank_argument():
-    from fp8train.cli import _strip_launcher_args
+    from fp8train.trainer.cli import _strip_launcher_args
 
     assert _strip_launcher_args(["--local_rank=3", "a=1", "--local-rank", "2", "b=2"]) == ["a=1", "b=2"]

@@ -1,4 +1,4 @@
-"""Token files, the train/val split and the resumable window sampler (fp8train.data)."""
+"""Token files, the train/val split and the resumable window sampler (fp8train.trainer.data)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fp8train._typed import ConfigError
-from fp8train.data import DataConfig, WindowSampler, load_token_data, prepare_token_file, validation_windows
+from fp8train.errors import ConfigError
+from fp8train.trainer.data import DataConfig, WindowSampler, load_token_data, prepare_token_file, validation_windows
 
 
 def _text(tmp_path, n_bytes: int, name: str = "corpus.txt"):

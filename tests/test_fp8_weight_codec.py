@@ -1,4 +1,4 @@
-"""The pure parts of ZeRO's FP8 weight all-gather (``fp8train.comm._weights``): encoding a weight
+"""The pure parts of ZeRO's FP8 weight all-gather (``fp8train.comm.zero._weights``): encoding a weight
 to E4M3 with its power-of-two scale (amax edge cases as a table) and the byte layout of the gather
 slots. Bit-exact: both are deterministic integer/power-of-two arithmetic."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp8train.comm._weights import encode_fp8_weights_, plan_weight_slots
+from fp8train.comm.zero._weights import encode_fp8_weights_, plan_weight_slots
 
 INF, NAN = float("inf"), float("nan")
 

@@ -17,9 +17,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from fp8train import Fp8Config, Fp8Linear, convert_to_fp8  # noqa: E402
-from fp8train.bf16 import Bf16Linear, convert_to_bf16_emulated  # noqa: E402
+from fp8train.trainer.bf16 import Bf16Linear, convert_to_bf16_emulated  # noqa: E402
 from fp8train.models import HfCausalLM, build_hf_causal_lm  # noqa: E402
-from fp8train.synthetic import MarkovTokens  # noqa: E402
+from synthetic import MarkovTokens  # noqa: E402
 
 VOCAB, BLOCK = 256, 64
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)

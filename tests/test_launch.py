@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fp8train.trainer.checkpoint import latest_checkpoint
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 from trainer_utils import cli_env
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"

@@ -1,5 +1,5 @@
 """A micro-batch needs distinct windows: the whole job reads ``micro_batch_size x world_size`` windows
-of the train split per micro-step (fp8train.data), so a larger request than the split holds is a
+of the train split per micro-step (fp8train.trainer.data), so a larger request than the split holds is a
 one-line config error, raised as soon as the data is loaded -- before the model or any batch is
 allocated (a 100000-sequence micro-batch used to run for minutes before anything failed)."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fp8train._typed import ConfigError
-from fp8train.data import TokenData, WindowSampler, check_micro_batch, train_windows
+from fp8train.errors import ConfigError
+from fp8train.trainer.data import TokenData, WindowSampler, check_micro_batch, train_windows
 from trainer_utils import assert_one_line_error, popen_cli
 
 SMOKE = ["experiment=smoke", "train.steps=1", "logging.progress=false", "monitor.plots=false", "checkpoint.every=0"]

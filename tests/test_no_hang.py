@@ -21,7 +21,7 @@ import fp8train.trainer.strategy as strategy_module
 from dist_utils import run_workers
 from fp8train.comm import Fp8CommConfig, ZeroConfig, ZeroOptimizer
 from fp8train.optim import Fp8AdamW
-from fp8train.precision import apply_precision
+from fp8train.trainer.precision import apply_precision
 from fp8train.trainer.build import build_model
 from fp8train.trainer.checkpoint import save_checkpoint
 from fp8train.trainer.config import train_config_from_mapping

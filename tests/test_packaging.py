@@ -59,7 +59,7 @@ def test_wheel_contains_only_the_fp8train_namespace(wheel: Path) -> None:
     shipped = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     assert shipped and shipped <= configs  # every config group and preset travels in the wheel
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "fp8train = fp8train.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fp8train = fp8train.trainer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_installed_command_trains_from_any_directory(wheel: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Whole-tensor ZeRO partition (fp8train.comm.partition): exact invariants on known inputs, balance
+"""Whole-tensor ZeRO partition (fp8train.comm.zero.partition): exact invariants on known inputs, balance
 on a GPT-shaped model, and the same partition on every rank of a gloo group."""
 
 from __future__ import annotations

@@ -18,16 +18,16 @@ import yaml
 import torch
 from torch import nn
 
-from fp8train.bf16 import Bf16Linear, convert_to_bf16_emulated
+from fp8train.trainer.bf16 import Bf16Linear, convert_to_bf16_emulated
 from fp8train.config import Fp8Config
 from fp8train.convert import convert_to_fp8
-from fp8train.data import load_token_data, validation_windows
-from fp8train.evaluate import load_run, main, parse_biases, passing_interval
+from fp8train.trainer.data import load_token_data, validation_windows
+from fp8train.ptq.study import load_run, main, parse_biases, passing_interval
 from fp8train.linear import Fp8Linear
 from fp8train.models import GPT, GPTConfig
 from fp8train.ptq import evaluate_lm, next_token_accuracy, quantize_for_inference, track_fp8_casts
-from fp8train.synthetic import MarkovTokens
-from fp8train.train import train
+from synthetic import MarkovTokens
+from fp8train.trainer.run import train
 from fp8train.trainer.build import build_model
 from trainer_utils import tiny_config
 

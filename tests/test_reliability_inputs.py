@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from fp8train._typed import ConfigError
-from fp8train.trainer.monitor import read_metrics
+from fp8train.errors import ConfigError
+from fp8train.trainer.run_log import read_metrics
 from trainer_utils import assert_one_line_error, cli_env, popen_cli
 
 pytestmark = pytest.mark.reliability
@@ -141,7 +141,7 @@ def test_e4m3_output_gradients_run_with_one_warning(outcomes):
 def test_zero_world_size_above_tensor_count_is_a_config_error(n_tensors, world_size, strategy, ok):
     # a torchrun case would need a model with fewer trainable tensors than ranks (>= 2): no config
     # of ours builds one, so the check is tested directly
-    from fp8train.train import check_zero_world_size
+    from fp8train.trainer.run import check_zero_world_size
 
     if ok:
         check_zero_world_size(strategy, n_tensors=n_tensors, world_size=world_size)

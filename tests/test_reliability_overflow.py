@@ -1,7 +1,7 @@
 """An inf inside the backward (not in the loss) is skipped by every rank, end to end through the CLI:
 ``faults.nonfinite_where=activation_grad`` puts inf into the gradient flowing into
 the first FP8 linear layer's output (llama_tiny: layers.0.attn.wq, bias-free) on rank 1. The FP8
-casts clamp inf, so only the NaN scale_inv of that grad_output cast (fp8train/recipes.py) carries the
+casts clamp inf, so only the NaN scale_inv of that grad_output cast (fp8train/scaling_state.py) carries the
 overflow into the gradients; every rank must then skip the step with its weights bit-identical.
 Two 2-process torchrun runs of ~8 steps each (~1 min on 2 cores): ``make test-reliability``."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_reliability_recovery import _changed_keys, _ckpt, _skip_counter, _state_files, _train
 
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 
 pytestmark = pytest.mark.reliability
 

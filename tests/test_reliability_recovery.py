@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fp8train.trainer.checkpoint import latest_checkpoint
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 from trainer_utils import cli_env, metrics_without_timing, run_cli
 
 pytestmark = pytest.mark.reliability

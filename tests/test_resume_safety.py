@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from fp8train._typed import ConfigError
-from fp8train.train import train
+from fp8train.errors import ConfigError
+from fp8train.trainer.run import train
 from fp8train.trainer.checkpoint import latest_checkpoint
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 from trainer_utils import assert_one_line_error, run_cli, tiny_config
 
 BASE = ("train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "logging.log_every=1", "monitor.plots=false",

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from fp8train.train import train
+from fp8train.trainer.run import train
 from fp8train.trainer.checkpoint import latest_checkpoint
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 from trainer_utils import metrics_without_timing, run_cli, tiny_config
 from wandb_offline import history_rows
 

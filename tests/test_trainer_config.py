@@ -10,8 +10,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fp8train._typed import ConfigError
-from fp8train.cli import group_options
+from fp8train.errors import ConfigError
+from fp8train.trainer.cli import group_options
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig
 from fp8train.trainer.config import (

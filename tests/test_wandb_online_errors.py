@@ -55,7 +55,7 @@ def test_wandb_online_failure_is_one_line_naming_the_fix(outcomes, request, mess
 
 
 def test_cleanup_removes_only_what_the_failed_invocation_added(tmp_path: Path) -> None:
-    from fp8train.cli import _remove_created, _tree
+    from fp8train.trainer.cli import _remove_created, _tree
 
     run = tmp_path / "outputs" / "run"
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from dist_utils import run_workers
 from fp8train.formats import E4M3
 from fp8train.linear import Fp8Linear
-from fp8train.monitor_stats import layer_key
-from fp8train.precision import apply_precision
+from fp8train.trainer.fp8_stats import layer_key
+from fp8train.trainer.precision import apply_precision
 from fp8train.trainer.build import build_model
 from fp8train.trainer.config import train_config_from_mapping
 from fp8train.trainer.distributed import DistEnv

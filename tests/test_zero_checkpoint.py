@@ -1,4 +1,4 @@
-"""ZeRO checkpoints by parameter name (fp8train.comm.checkpoint): resume at the same and at another
+"""ZeRO checkpoints by parameter name (fp8train.comm.zero.checkpoint): resume at the same and at another
 world size, failures that must be loud, and crash safety of the writes. gloo, 4 then 2 processes
 (plus a 1-rank subgroup of the 2).
 
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from fp8train.comm import (MANIFEST_NAME, ZeroConfig, ZeroOptimizer, load_zero_checkpoint, read_zero_manifest,
                            save_zero_checkpoint)
-from fp8train.comm.checkpoint import _atomic_torch_save
+from fp8train.comm.zero.checkpoint import _atomic_torch_save
 from fp8train.models import GPT, GPTConfig
 from fp8train.optim import Fp8AdamW
 

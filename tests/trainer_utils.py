@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from fp8train.trainer.config import TrainConfig, train_config_from_mapping
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 
 # wall-clock fields differ between any two runs; everything else must match bit for bit
 TIMING_KEYS = ("train/tokens_per_s", "train/memory_mib", "train/monitor_s")
@@ -65,7 +65,7 @@ def tiny_strategy(rank: int, world: int, precision: dict, **groups: dict):
     the caller set up; ``groups`` adds config groups, e.g. ``parallel={"strategy": "zero2"}``."""
     import torch
 
-    from fp8train.precision import apply_precision
+    from fp8train.trainer.precision import apply_precision
     from fp8train.trainer.build import build_model
     from fp8train.trainer.distributed import DistEnv
     from fp8train.trainer.strategy import build_strategy

@@ -1,5 +1,7 @@
-"""The trainer's parts: typed configs, distributed setup, strategies, loop, checkpoints, monitoring.
-``fp8train.train.train(cfg)`` puts them together; ``fp8train.cli`` is the Hydra edge."""
+"""fp8train.trainer: everything a training run needs beyond the library -- typed configs, data,
+precision presets, distributed setup, strategies, the loop, checkpoints and resume, run logging,
+FP8 statistics and plots. ``train(cfg)`` (fp8train.trainer.run) puts them together;
+``fp8train.trainer.cli`` is the Hydra edge (the ``fp8train`` command)."""
 
 from fp8train.trainer.config import (
     CheckpointConfig,
@@ -14,8 +16,12 @@ from fp8train.trainer.config import (
     train_config_from_mapping,
     train_config_to_mapping,
 )
+from fp8train.trainer.run import TrainResult, train
 
 __all__ = [
+    # one run
+    "train",
+    "TrainResult",
     # the run's configuration
     "TrainConfig",
     "ModelConfig",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fp8train._typed import ConfigError
+from fp8train.errors import ConfigError
 from fp8train.models import GPT, Llama
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from fp8train._atomic import atomic_torch_save, atomic_write_text, complete_dir, fsync_dir, recover_dir, replace_dir
-from fp8train._typed import ConfigError
-from fp8train.recipes import ScalingState
+from fp8train.errors import ConfigError
+from fp8train.scaling_state import ScalingState
 from fp8train.trainer.distributed import DistEnv, agree
 
 __all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint",

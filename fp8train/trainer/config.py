@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fp8train._typed import ConfigError, build_dataclass, to_plain
-from fp8train.data import DataConfig
+from fp8train.errors import ConfigError
+from fp8train.trainer._typed import build_dataclass, to_plain
+from fp8train.trainer.data import DataConfig
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig
-from fp8train.precision import PrecisionConfig
+from fp8train.trainer.precision import PrecisionConfig
 from fp8train.trainer.faults import FaultsConfig
 
 __all__ = [
@@ -127,10 +128,10 @@ class LoggingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class MonitorConfig:
-    """FP8 scale dynamics (fp8train.monitor_stats). every: sample every k steps (0: never): scaling
+    """FP8 scale dynamics (fp8train.trainer.fp8_stats). every: sample every k steps (0: never): scaling
     bias, amax, saturated and underflowed fractions of every FP8 tensor role and Fp8AdamW's state
     scales; histograms: also log wandb histograms of the bias across layers per linear type; plots:
-    write PNG plots (fp8train.monitor_plots) into run_dir/plots at the end of the run."""
+    write PNG plots (fp8train.trainer.plots) into run_dir/plots at the end of the run."""
 
     every: int = 10
     histograms: bool = True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fp8train._typed import ConfigError
+from fp8train.errors import ConfigError
 from fp8train.comm._agree import failed_ranks
 from fp8train.trainer.config import LauncherConfig
 

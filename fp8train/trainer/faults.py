@@ -9,7 +9,7 @@ clean and must recover on its own.
   nonfinite_where: "loss" (the above, default) or "activation_grad": instead, put the value into one
       element of the gradient flowing into the output of the model's first FP8 linear layer (its
       first ``nn.Linear`` if none is FP8), on that rank's last micro-step of that step: an overflow
-      inside the backward, which must reach the gradients through the FP8 casts (fp8train/recipes.py)
+      inside the backward, which must reach the gradients through the FP8 casts (fp8train/scaling_state.py)
       although the casts clamp inf;
   kill_step / kill_rank: SIGKILL that rank when step ``kill_step`` starts (a lost node);
   crash_in_checkpoint_step: SIGKILL rank 0 while the checkpoint of that step is half written

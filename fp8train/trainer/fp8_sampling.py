@@ -1,5 +1,5 @@
 """When and how the loop samples FP8 scale dynamics (``monitor.every``; metrics in
-fp8train.monitor_stats). A sampled step costs extra passes over each cast tensor, and one gather of
+fp8train.trainer.fp8_stats). A sampled step costs extra passes over each cast tensor, and one gather of
 the optimizer-state scales; ``seconds`` accumulates that cost. The weight gradients' biases cost
 nothing: they are the scales the strategy's FP8 gradient sync used (``grad_log2_scales()``)."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from fp8train.monitor_stats import arm_cast_stats, cast_metrics, optimizer_metrics, wgrad_metrics
+from fp8train.trainer.fp8_stats import arm_cast_stats, cast_metrics, optimizer_metrics, wgrad_metrics
 from fp8train.trainer.config import TrainConfig
 
 __all__ = ["Fp8Sampler"]

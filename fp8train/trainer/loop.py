@@ -1,5 +1,5 @@
 """The training loop: micro-steps with gradient accumulation, the optimizer step, evaluation,
-logging and checkpoints. Setup (model, data, strategy, resume) is in ``fp8train.train``."""
+logging and checkpoints. Setup (model, data, strategy, resume) is in ``fp8train.trainer.run``."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fp8train.data import WindowSampler, validation_windows
+from fp8train.trainer.data import WindowSampler, validation_windows
 from fp8train.trainer.checkpoint import save_checkpoint
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
-from fp8train.monitor_stats import bias_histograms
+from fp8train.trainer.fp8_stats import bias_histograms
 from fp8train.trainer.faults import Faults
 from fp8train.trainer.fp8_sampling import Fp8Sampler
-from fp8train.trainer.monitor import Monitor, peak_memory_mib
+from fp8train.trainer.run_log import Monitor, peak_memory_mib
 from fp8train.trainer.schedule import lr_at
 
-__all__ = ["LoopState", "evaluate", "run_loop"]
+__all__ = ["LoopState", "run_loop", "validation_loss"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,8 +40,8 @@ class LoopState:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
-             forward_ctx: AbstractContextManager[Any]) -> float:
+def validation_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
+                    forward_ctx: AbstractContextManager[Any]) -> float:
     """Mean validation loss over every rank's batches (the same batches at every evaluation)."""
     was_training = model.training
     model.eval()
@@ -119,7 +119,7 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Any, sampler: Wind
         if fp8_metrics and cfg.monitor.histograms:
             monitor.log_histograms(state.step, bias_histograms(fp8_metrics))
         if (loop.eval_every and state.step % loop.eval_every == 0) or done:
-            state.last_val_loss = evaluate(model, val_batches, env, forward_ctx_factory())
+            state.last_val_loss = validation_loss(model, val_batches, env, forward_ctx_factory())
             monitor.log(state.step, {"val/loss": state.last_val_loss})
         monitor.advance(state.last_train_loss)
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or done:

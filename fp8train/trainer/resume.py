@@ -25,7 +25,7 @@ faults, parallel.ddp_bucket_mb, data.name, data.cache_dir, name, run_dir, resume
 Abandoned trajectory (``set_aside_later_checkpoints``): resuming from step S moves the run's
 checkpoints of later steps into ``checkpoints/abandoned/<tag>/`` (never counted by keep_last,
 never chosen by resume=auto); metrics.jsonl records of later steps go to
-``metrics.abandoned-<tag>.jsonl`` (``fp8train.trainer.monitor``). Nothing is deleted.
+``metrics.abandoned-<tag>.jsonl`` (``fp8train.trainer.run_log``). Nothing is deleted.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fp8train._atomic import fsync_dir
-from fp8train._typed import ConfigError
+from fp8train.errors import ConfigError
 from fp8train.trainer.checkpoint import CHECKPOINTS_DIR, checkpoints_by_step
 from fp8train.trainer.config import TrainConfig, train_config_from_mapping, train_config_to_mapping
 

@@ -25,7 +25,7 @@ from fp8train.comm import (CommStats, ZeroConfig, ZeroOptimizer, load_zero_check
                            save_zero_checkpoint)
 from fp8train.comm._agree import run_collectively
 from fp8train.optim import Fp8AdamW
-from fp8train.precision import fp8_weight_names
+from fp8train.trainer.precision import fp8_weight_names
 from fp8train.trainer.build import build_optimizer
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv

@@ -2,8 +2,8 @@
 fp32 with torch AdamW; FP8 GEMMs with torch AdamW; FP8 GEMMs with Fp8AdamW (E4M3 first moment,
 FP16 second moment, FP16 master weights).
 
-    python -m fp8train.demo                 # ~3-4 min on 2 CPU cores
-    python -m fp8train.demo --steps 50      # quicker
+    python -m fp8train.trainer.demo                 # ~3-4 min on 2 CPU cores
+    python -m fp8train.trainer.demo --steps 50      # quicker
 
 FP8 runs as an exact emulation on CPU (real E4M3/E5M2 rounding, fp32 accumulation); on a CUDA sm89+
 GPU the same code uses FP8 tensor cores through torch._scaled_mm.
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fp8train.config import Fp8Config
 from fp8train.convert import convert_to_fp8
-from fp8train.corpus import load_corpus_bytes
+from fp8train.trainer.corpus import load_corpus_bytes
 from fp8train.models import GPT, GPTConfig
 from fp8train.optim import Fp8AdamW
 

@@ -35,10 +35,10 @@ from torch import nn
 from tqdm import tqdm
 
 from fp8train._atomic import atomic_write, atomic_write_text
-from fp8train._typed import ConfigError
-from fp8train.data import load_token_data, validation_windows
+from fp8train.errors import ConfigError
+from fp8train.trainer.data import load_token_data, validation_windows
 from fp8train.linear import Fp8Linear
-from fp8train.precision import apply_precision
+from fp8train.trainer.precision import apply_precision
 from fp8train.ptq import evaluate_lm, quantize_for_inference, track_fp8_casts
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
 from fp8train.trainer.build import build_model

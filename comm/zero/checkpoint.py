@@ -51,8 +51,8 @@ from fp8train._atomic import atomic_torch_save as _atomic_torch_save
 from fp8train._atomic import atomic_write as _atomic_write
 from fp8train._atomic import complete_dir, recover_dir, replace_dir
 from fp8train.comm._agree import run_collectively
-from fp8train.comm._named_state import optimizer_formats
-from fp8train.comm.zero import ZeroOptimizer
+from fp8train.comm.zero._named_state import optimizer_formats
+from fp8train.comm.zero.optimizer import ZeroOptimizer
 
 __all__ = ["MANIFEST_NAME", "load_zero_checkpoint", "read_zero_manifest", "save_zero_checkpoint"]
 

@@ -13,13 +13,11 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar, Union
 
-__all__ = ["ConfigError", "build_dataclass", "to_plain"]
+from fp8train.errors import ConfigError
+
+__all__ = ["build_dataclass", "to_plain"]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message is one line naming the key and what is allowed."""
 
 
 def _type_name(tp: Any) -> str:
@@ -77,7 +75,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
             raise ConfigError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
         return value
-    raise TypeError(f"fp8train._typed cannot convert to {tp!r} (at {path})")
+    raise TypeError(f"fp8train.trainer._typed cannot convert to {tp!r} (at {path})")
 
 
 def build_dataclass(cls: type[T], data: Any, path: str, *, prebuilt: Mapping[str, Any] | None = None) -> T:

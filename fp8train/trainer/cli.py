@@ -9,7 +9,7 @@
 Errors in the config (an unknown key or option, a wrong type, a bad combination, bad data) print
 ONE line, ``fp8train: error: ...`` naming the key and what is allowed, exit with status 2, and
 leave nothing behind (what the failed invocation had written is removed; earlier runs' files
-stay). Hydra is imported here only: ``fp8train.train.train`` takes typed configs.
+stay). Hydra is imported here only: ``fp8train.trainer.run.train`` takes typed configs.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def _task(cfg: object) -> float | None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from fp8train._typed import ConfigError
-    from fp8train.train import train
+    from fp8train.errors import ConfigError
+    from fp8train.trainer.run import train
     from fp8train.trainer.config import train_config_from_mapping
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fp8train._atomic import atomic_write  # noqa: E402
-from fp8train.monitor_stats import parse_key  # noqa: E402
-from fp8train.trainer.monitor import METRICS_FILE, read_metrics  # noqa: E402
+from fp8train.trainer.fp8_stats import parse_key  # noqa: E402
+from fp8train.trainer.run_log import METRICS_FILE, read_metrics  # noqa: E402
 
 __all__ = ["main", "write_run_plots"]
 

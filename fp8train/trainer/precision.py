@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fp8train._typed import ConfigError
+from fp8train.errors import ConfigError
 from fp8train._validate import check_choice
-from fp8train.bf16 import bf16_autocast, convert_to_bf16_emulated
+from fp8train.trainer.bf16 import bf16_autocast, convert_to_bf16_emulated
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.config import Fp8Config
 from fp8train.convert import FP8_DIM_MULTIPLE, convert_to_fp8

@@ -15,15 +15,15 @@ from pathlib import Path
 import yaml
 
 from fp8train._atomic import atomic_write_text
-from fp8train._typed import ConfigError
-from fp8train.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
-from fp8train.precision import apply_precision
+from fp8train.errors import ConfigError
+from fp8train.trainer.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
+from fp8train.trainer.precision import apply_precision
 from fp8train.trainer.build import build_model, count_parameters
 from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume, saved_config
 from fp8train.trainer.config import TrainConfig, train_config_to_mapping
 from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
 from fp8train.trainer.loop import LoopState, run_loop
-from fp8train.trainer.monitor import Monitor, check_wandb_login
+from fp8train.trainer.run_log import Monitor, check_wandb_login
 from fp8train.trainer.resume import abandon_tag, check_resume_config, set_aside_later_checkpoints
 from fp8train.trainer.strategy import build_strategy
 
@@ -135,7 +135,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                              forward_ctx_factory=forward_ctx,
                              trainer_state=trainer_state)
             if cfg.monitor.plots and env.is_main:
-                from fp8train.monitor_plots import write_run_plots  # matplotlib: only when plotting
+                from fp8train.trainer.plots import write_run_plots  # matplotlib: only when plotting
 
                 monitor.print(f"plots: {', '.join(p.name for p in write_run_plots([run_dir]))} in {run_dir / 'plots'}")
         finally:

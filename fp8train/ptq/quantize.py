@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fp8train.bf16 import Bf16Linear
+from fp8train.trainer.bf16 import Bf16Linear
 from fp8train.config import Fp8Config
 from fp8train.convert import _output_head_fqn, convert_to_fp8, replace_submodules
 from fp8train.linear import Fp8Linear

@@ -1,7 +1,7 @@
 """Training data: a token file on disk, a train/val split, and deterministic, resumable batches.
 
 Sources (``DataConfig.path``):
-  None        the bundled Shakespeare corpus (``fp8train.corpus``), prepared ONCE into a cached
+  None        the bundled Shakespeare corpus (``fp8train.trainer.corpus``), prepared ONCE into a cached
               uint8 token file (byte-level tokenizer) under ``cache_dir``, named by the content hash;
   *.bin       a pre-tokenized file: raw little-endian token ids of ``bin_dtype`` (nanoGPT layout);
   other       a text file, tokenized by the byte-level tokenizer: its bytes ARE its tokens (vocab 256),
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from fp8train._atomic import atomic_write
-from fp8train._typed import ConfigError
-from fp8train.corpus import corpus_files
+from fp8train.errors import ConfigError
+from fp8train.trainer.corpus import corpus_files
 
 __all__ = ["DataConfig", "TokenData", "WindowSampler", "check_micro_batch", "load_token_data", "prepare_token_file",
            "train_windows", "validation_windows"]

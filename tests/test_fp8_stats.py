@@ -1,4 +1,4 @@
-"""FP8 scale-dynamics metrics (fp8train.monitor_stats) and their plots (fp8train.monitor_plots)."""
+"""FP8 scale-dynamics metrics (fp8train.trainer.fp8_stats) and their plots (fp8train.trainer.plots)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from fp8train import Fp8Config, convert_to_fp8
-from fp8train.monitor_plots import write_run_plots
-from fp8train.monitor_stats import arm_cast_stats, bias_histograms, cast_metrics, layer_key, wgrad_metrics
-from fp8train.train import train
+from fp8train.trainer.plots import write_run_plots
+from fp8train.trainer.fp8_stats import arm_cast_stats, bias_histograms, cast_metrics, layer_key, wgrad_metrics
+from fp8train.trainer.run import train
 from trainer_utils import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -109,11 +109,11 @@ def test_run_writes_plots_and_the_plot_command_works(tmp_path):
         data = (run_dir / "plots" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, "-m", "fp8train.monitor_plots", str(run_dir), str(run_dir),
+    proc = subprocess.run([sys.executable, "-m", "fp8train.trainer.plots", str(run_dir), str(run_dir),
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
-    bad = subprocess.run([sys.executable, "-m", "fp8train.monitor_plots", str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "fp8train.trainer.plots", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "has no metrics.jsonl" in bad.stderr
     assert write_run_plots([run_dir], tmp_path / "again")  # the API returns what it wrote

@@ -11,10 +11,10 @@ One ``ZeroOptimizer.step()`` on N ranks:
   overflow: the comm's ``found_inf`` is the same on every rank (it comes from the MAX-reduced amax),
            so every rank skips the rest of the step identically: no clipping, no optimizer step,
            weights and state untouched, ``skipped_steps`` += 1.
-  clipping (``max_grad_norm``): comm/_clip.py. A non-finite global norm (the same on every rank)
+  clipping (``max_grad_norm``): comm/zero/_clip.py. A non-finite global norm (the same on every rank)
            skips the step like an overflow, as DdpStrategy does. Without ``max_grad_norm`` no norm
            is computed: see the Limitation below.
-  owners step the inner optimizer, then ONE all-gather moves the new weights (comm/_weights.py):
+  owners step the inner optimizer, then ONE all-gather moves the new weights (comm/zero/_weights.py):
            rank r's slot holds its owned parameters end to end, each 16-byte aligned, padded to the
            largest slot; a parameter travels as its own dtype's bytes (uint8 view: lossless) or, if
            named in ``fp8_weight_names``, as E4M3 codes plus its fp32 scale_inv. Every rank takes
@@ -77,13 +77,13 @@ import torch.distributed as dist
 
 from fp8train._validate import check_choice, check_type
 from fp8train.comm._agree import failed_ranks, run_collectively
-from fp8train.comm._clip import clip_owned_grads_
+from fp8train.comm.zero._clip import clip_owned_grads_
 from fp8train.comm._layout import FlatLayout, plan_buckets
-from fp8train.comm._named_state import load_named_state, named_state, optimizer_formats
-from fp8train.comm._weights import WeightGather, inner_master_problem
+from fp8train.comm.zero._named_state import load_named_state, named_state, optimizer_formats
+from fp8train.comm.zero._weights import WeightGather, inner_master_problem
 from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
-from fp8train.comm.partition import Partition, partition_parameters
+from fp8train.comm.zero.partition import Partition, partition_parameters
 from fp8train.comm.stats import CommStats
 
 __all__ = [
@@ -250,10 +250,10 @@ class ZeroOptimizer:
         """Per-rank state bytes predicted from the partition (``predicted_state_nbytes``' keywords)."""
         return predicted_state_nbytes([p.numel() for p in self.params], self.partition, **kwargs)
 
-    # ---- checkpoints (by parameter name; files: fp8train.comm.checkpoint) -------------------------
+    # ---- checkpoints (by parameter name; files: fp8train.comm.zero.checkpoint) -------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's share, keyed by parameter NAME (rank-order free, see comm/_named_state.py):
+        """This rank's share, keyed by parameter NAME (rank-order free, see comm/zero/_named_state.py):
         {"param_state": {name: {"state": inner state tensors as held, "group": hyperparameters}}
          for every owned parameter (state {} before its first step), "extra": the inner
          state_dict's other keys, "formats": {"optimizer": class, "state_formats": ...},
@@ -388,7 +388,7 @@ class ZeroOptimizer:
                 p.grad = None
         return total
 
-    # ---- weights (the all-gather itself: comm/_weights.py) ---------------------------------------
+    # ---- weights (the all-gather itself: comm/zero/_weights.py) ---------------------------------------
 
     def _check_inner_master(self) -> None:
         """FP8 weights need an inner optimizer with its own master (see ``inner_master_problem``).

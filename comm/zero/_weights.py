@@ -22,7 +22,7 @@ just under 448) -> E4M3 cast (``cast_to_fp8``: round to nearest even, clamp to +
     every rank takes the same path for the same tensor, so the ranks still agree.)
 Decoding (``decode_fp8_into``): code * scale_inv in fp32, exact (a power of two), rounded once to the
 parameter's dtype: exact in fp32 always (scale_inv >= 2**-126 keeps code bits above 2**-149), in
-bf16 unless the amax is below ~2**-116; see comm/zero.py for fp16 parameters.
+bf16 unless the amax is below ~2**-116; see comm/zero/optimizer.py for fp16 parameters.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Metric names (wandb keys, JSON fields):
   (peak: CUDA allocated on GPU, process RSS on CPU), val/loss, train/monitor_s (seconds spent
   collecting FP8 statistics in the interval);
   fp8/{layer_type}/{role}/{stat}/L{layer}: FP8 scale dynamics every ``monitor.every`` steps (see
-  fp8train.monitor_stats), with wandb histograms fp8_hist/{layer_type}/{role} across layers.
+  fp8train.trainer.fp8_stats), with wandb histograms fp8_hist/{layer_type}/{role} across layers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fp8train._atomic import atomic_write_text
-from fp8train._typed import ConfigError
+from fp8train.errors import ConfigError
 from fp8train.trainer.config import LoggingConfig
 
 __all__ = ["METRICS_FILE", "Monitor", "check_wandb_login", "peak_memory_mib", "read_metrics",

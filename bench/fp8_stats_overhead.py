@@ -1,8 +1,8 @@
 """Cost of FP8 scale-dynamics monitoring: training step time with ``monitor.every`` = 1 and the
 default 10 against monitoring off, in one run of this script (same model, data and machine).
 
-    python bench/monitor.py                      # gpt_tiny, fp8_o2, 60 steps per run, 2 repeats
-    python bench/monitor.py --model llama_tiny --steps 100
+    python bench/fp8_stats_overhead.py                      # gpt_tiny, fp8_o2, 60 steps per run, 2 repeats
+    python bench/fp8_stats_overhead.py --model llama_tiny --steps 100
 
 Step time comes from the trainer's own tokens/s records (every 10 steps), skipping the first
 interval (compilation and warm-up); each configuration runs ``--repeats`` times, interleaved, and
@@ -19,9 +19,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fp8train.train import train
+from fp8train.trainer.run import train
 from fp8train.trainer.config import train_config_from_mapping
-from fp8train.trainer.monitor import read_metrics
+from fp8train.trainer.run_log import read_metrics
 
 
 def _run(run_dir: Path, every: int, args: argparse.Namespace) -> tuple[float, float]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fp8train.linear import Fp8Linear
-from fp8train.recipes import ScalingState
+from fp8train.scaling_state import ScalingState
 
 __all__ = ["CAST_ROLES", "STATS", "arm_cast_stats", "bias_histograms", "cast_metrics", "layer_key",
            "optimizer_metrics", "parse_key", "wgrad_metrics"]
