@@ -11,6 +11,7 @@ from fp8train.gemm import fp8_mm
 from fp8train.linear import Fp8Linear
 from fp8train.scaling_state import ScalingState
 from fp8train.scaling import amax_to_log2_scale, amax_to_scale, tensor_to_amax
+from fp8train.te import convert_to_te
 from fp8train.tensor import Fp8Tensor, dequantize, quantize
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "Fp8Config",
     "Fp8Linear",
     "convert_to_fp8",
+    "convert_to_te",
     "fp8_mm",
     "is_fp8_eligible",
 ]

@@ -9,7 +9,7 @@ from torch import nn
 from fp8train.config import Fp8Config
 from fp8train.linear import Fp8Linear
 
-__all__ = ["FP8_DIM_MULTIPLE", "convert_to_fp8", "is_fp8_eligible", "replace_submodules"]
+__all__ = ["FP8_DIM_MULTIPLE", "conversion_targets", "convert_to_fp8", "is_fp8_eligible", "replace_submodules"]
 
 # FP8 tensor cores (and torch._scaled_mm) need both GEMM dims of the weight to be multiples of 16.
 FP8_DIM_MULTIPLE = 16
@@ -29,6 +29,23 @@ def _output_head_fqn(model: nn.Module) -> str | None:
     return linears[-1] if linears else None
 
 
+def conversion_targets(
+    model: nn.Module,
+    *,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    skip_output_head: bool = True,
+) -> list[str]:
+    """Names of the modules a converter (``convert_to_fp8``, ``fp8train.te.convert_to_te``) swaps.
+
+    A module is a target when it is eligible (``is_fp8_eligible``), is not the output head (unless
+    ``skip_output_head=False``), and ``module_filter_fn(module, fqn)`` returns True (when given).
+    """
+    head = _output_head_fqn(model) if skip_output_head else None
+    return [fqn for fqn, module in model.named_modules()
+            if fqn != head and is_fp8_eligible(module)
+            and (module_filter_fn is None or module_filter_fn(module, fqn))]
+
+
 def convert_to_fp8(
     model: nn.Module,
     *,
@@ -38,21 +55,13 @@ def convert_to_fp8(
 ) -> nn.Module:
     """Replace eligible ``nn.Linear`` modules of ``model`` by ``Fp8Linear``, in place; returns model.
 
-    A module is converted when it is eligible (``is_fp8_eligible``), is not the output head (unless
-    ``skip_output_head=False``), and ``module_filter_fn(module, fqn)`` returns True (when given).
+    The modules replaced are ``conversion_targets(model, module_filter_fn=..., skip_output_head=...)``.
     Parameters are reused, not copied: their names, values and identity are unchanged, so a
     state_dict saved before conversion loads after it, and an existing optimizer keeps working.
     Nothing in torch is patched.
     """
     config = config or Fp8Config()
-    head = _output_head_fqn(model) if skip_output_head else None
-    targets = []
-    for fqn, module in model.named_modules():
-        if fqn == head or not is_fp8_eligible(module):
-            continue
-        if module_filter_fn is not None and not module_filter_fn(module, fqn):
-            continue
-        targets.append(fqn)
+    targets = conversion_targets(model, module_filter_fn=module_filter_fn, skip_output_head=skip_output_head)
     return replace_submodules(model, targets, lambda linear: Fp8Linear.from_linear(linear, config))
 
 

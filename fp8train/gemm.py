@@ -13,7 +13,8 @@ two power-of-two scales applied: ``(a.data @ b.data) * a.scale_inv * b.scale_inv
   cross-check it against ``emulated``.
 A NaN ``scale_inv`` (how ``ScalingState`` marks an operand whose amax was inf/NaN) makes the whole
 output NaN in both backends, zero rows included (0 * NaN = NaN): the overflow reaches the gradients.
-Transformer Engine is not a GEMM here: with backend "te" the whole layer runs in TE (see _te.py).
+Transformer Engine is not a GEMM backend: it replaces whole layers, so it is a converter of its own
+(``fp8train.te.convert_to_te``), with its own checkpointed scaling state.
 """
 
 from __future__ import annotations

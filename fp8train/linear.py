@@ -87,7 +87,6 @@ class Fp8Linear(nn.Linear):
         self.input_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.weight_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.grad_output_scaling = ScalingState(self.config.grad_output_fp8, self.config, device=state_device)
-        self._te_layer = None  # built on first forward with backend "te"; not a submodule
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Fp8Config) -> Fp8Linear:
@@ -113,10 +112,6 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.backend == "te":
-            from fp8train._te import te_linear_forward
-
-            return te_linear_forward(self, x)
         return _Fp8LinearFn.apply(x, self.weight, self.bias, self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

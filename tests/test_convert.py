@@ -90,7 +90,7 @@ BAD_CONFIGS = [  # (case, kwargs, message fragment naming the field)
     ("bias out of range", dict(constant_bias=200), "Fp8Config.constant_bias=200 is out of range"),
     ("unknown backend", dict(backend="cublas"), "Fp8Config.backend='cublas' is not allowed"),
     ("unknown grad format", dict(grad_output_format="e3m4"), "Fp8Config.grad_output_format='e3m4'"),
-    ("te with constant", dict(backend="te", recipe="constant"), "recipe='constant' is not available with backend='te'"),
+    ("te is a converter", dict(backend="te"), "Fp8Config.backend='te' is not a GEMM backend"),
     ("string flag", dict(fast_cast="yes"), "Fp8Config.fast_cast='yes' has type str"),
 ]
 

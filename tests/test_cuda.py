@@ -1,7 +1,9 @@
 """The GPU paths: run where CUDA is present (skipped, and reported as skipped, on CPU-only CI).
 
-On CPU the same logic is covered by test_linear.py (scaled_mm runs on CPU in torch >= 2.13); here
-the real sm89+ FP8 tensor-core path and the CUDA cast are checked against the CPU emulation.
+On CPU the same logic is covered by test_linear.py (scaled_mm runs on CPU in torch >= 2.13) and
+test_te_converter.py (with a stand-in for Transformer Engine); here the real sm89+ FP8 tensor-core
+path and the CUDA cast are checked against the CPU emulation, and the real Transformer Engine
+converter's scaling state against a checkpoint round-trip.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import pytest
 import torch
 from conftest import sqnr_db
 
-from fp8train import E4M3, E5M2, Fp8Config, Fp8Linear, fp8_mm, quantize
+from fp8train import E4M3, E5M2, Fp8Config, Fp8Linear, convert_to_te, fp8_mm, quantize
 from fp8train.cast import cast_to_fp8_reference
 from fp8train.gemm import resolve_backend, supports_scaled_mm
+from fp8train.te import te_forward_context
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -92,3 +95,48 @@ def test_fp8_adamw_on_cuda_follows_the_cpu_optimizer() -> None:
         rel = ((p_gpu.detach().cpu() - p_cpu.detach()).norm() / p_cpu.detach().norm()).item()
         assert rel < 1e-3, rel
     assert opt_gpu.skipped_steps == 0
+
+
+def _has_te() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401, PLC0415
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _has_te(),
+                    reason="needs Transformer Engine (pip install 'fp8train[te]') on CUDA")
+def test_te_converter_checkpoints_its_delayed_scaling_state() -> None:
+    config = Fp8Config(recipe="delayed", amax_history_len=4)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256),
+                                   torch.nn.Linear(256, 128)).to(CUDA)   # the last: head, kept
+
+    a = convert_to_te(net(), config=config)
+    assert [type(m).__module__.split(".")[0] for m in a] == ["transformer_engine", "torch", "transformer_engine",
+                                                            "torch"]
+    forward_ctx = te_forward_context(config)
+    x = torch.randn(64, 256, device=CUDA)
+    for step in range(3):  # amaxes of 1x, 2x, 3x the input: a history far from TE's initial scale 1
+        with forward_ctx():
+            y = a(x * (step + 1))
+        y.pow(2).mean().backward()
+    state = a.state_dict()
+    assert {"0._extra_state", "2._extra_state"} <= state.keys()
+    b = convert_to_te(net(), config=config)
+    b.load_state_dict(state)
+    with torch.no_grad():
+        with forward_ctx():
+            y_a = a(x)
+        with forward_ctx():
+            y_b = b(x)
+        with forward_ctx():
+            y0 = a[0](x)
+    # the same weights and the restored amax history give the same scales: bit-identical (tier 1);
+    # without the history b would cast with scale 1 and differ
+    assert torch.equal(y_a, y_b)
+    y0_64 = x.double() @ a[0].weight.detach().double().t() + a[0].bias.detach().double()
+    assert sqnr_db(y0_64, y0) > 26.0  # E4M3 x E4M3 forward: the floor derived in test_linear.py

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 from conftest import hp_tol, sqnr_db
 
 from fp8train import E4M3, E5M2, Fp8Config, Fp8Linear, fp8_mm, quantize
-from fp8train._te import te_recipe_kwargs
 from fp8train.gemm import resolve_backend
 
 # SQNR floors (tier 2). Rounding to a format with M mantissa bits adds relative noise of variance
@@ -108,28 +106,3 @@ def test_overflowing_input_is_reported_not_hidden() -> None:
     x[1, 3] = math.inf
     layer(x)
     assert layer.input_scaling.n_amax_nonfinite.item() == 1
-
-
-def test_te_backend_without_transformer_engine_raises_a_clear_error() -> None:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        pass
-    else:
-        pytest.fail("this test checks the no-TE path; TE is importable here")
-    layer = _layer(backend="te")
-    with pytest.raises(RuntimeError, match=r"backend='te' needs Transformer Engine"):
-        layer(torch.randn(2, 64))
-
-
-@pytest.mark.parametrize(("recipe", "grad_fmt", "expected"), [
-    ("delayed", "e5m2", ("DelayedScaling", dict(margin=2, fp8_format="HYBRID", amax_history_len=16,
-                                                amax_compute_algo="max"))),
-    ("current", "e5m2", ("Float8CurrentScaling", dict(fp8_format="HYBRID"))),
-    ("current", "e4m3", ("Float8CurrentScaling", dict(fp8_format="E4M3"))),
-])
-def test_te_recipe_mapping(recipe: str, grad_fmt: str, expected) -> None:
-    with pytest.warns(UserWarning) if grad_fmt == "e4m3" else contextlib.nullcontext():
-        config = Fp8Config(recipe=recipe, backend="te", margin=2, grad_output_format=grad_fmt)
-    assert te_recipe_kwargs(config) == expected
-
