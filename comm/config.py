@@ -1,4 +1,5 @@
-"""``Fp8CommConfig``: how gradients travel in FP8 (format, margin, bucket size, sampled statistics)."""
+"""``Fp8CommConfig``: how gradients travel in FP8 (format, margin, bucket size, sampled statistics).
+Frozen once built (``dataclasses.replace`` makes a changed, re-validated copy)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["Fp8CommConfig"]
 _OWNER = "Fp8CommConfig"
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Fp8CommConfig:
     """format:       FP8 format on the wire: "e4m3" (default: 3 mantissa bits, relative error <= 2**-4;
                      the shared scale already fits the global amax, so e5m2's extra range buys
@@ -44,7 +45,8 @@ class Fp8CommConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.format, torch.dtype) and self.format in FP8_DTYPES:
-            self.format = FP8_DTYPES[self.format].name  # YAML and wandb see the name
+            # YAML and wandb see the name; frozen, so the one normalisation goes through object.__setattr__
+            object.__setattr__(self, "format", FP8_DTYPES[self.format].name)
         check_choice(_OWNER, "format", self.format, tuple(FP8_FORMATS))
         check_int_range(_OWNER, "margin", self.margin, 0, 16)
         check_int_range(_OWNER, "bucket_bytes", self.bucket_bytes, 1)

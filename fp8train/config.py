@@ -1,4 +1,4 @@
-"""``Fp8Config``: how Fp8Linear scales and multiplies. Typed, validated at construction."""
+"""``Fp8Config``: how Fp8Linear scales and multiplies. Typed, validated at construction, frozen."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ __all__ = ["AMAX_ALGOS", "BACKENDS", "RECIPES", "Fp8Config"]
 
 RECIPES = ("current", "delayed", "constant")
 AMAX_ALGOS = ("max", "most_recent")
-BACKENDS = ("auto", "emulated", "scaled_mm", "te")
+BACKENDS = ("auto", "emulated", "scaled_mm")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Fp8Config:
-    """FP8 settings of every converted linear layer.
+    """FP8 settings of every converted linear layer. Frozen: a layer reads ``backend`` at every
+    forward while its ScalingStates copy ``recipe`` / ``margin`` once, so a change after construction
+    would take effect halfway; build another with ``dataclasses.replace`` (validated anew).
 
     recipe:             scale source for inputs, weights and output gradients:
                         "current"  (FP8-AMAX) amax of the tensor being cast, just in time;
@@ -33,8 +35,8 @@ class Fp8Config:
     constant_bias:      constant recipe: the scaling bias (log2 of the scale), same for every role.
     backend:            GEMM engine: "emulated" (fp32 matmul of exact FP8 values, any device),
                         "scaled_mm" (torch._scaled_mm: CUDA sm89+, and CPU in torch >= 2.13),
-                        "te" (Transformer Engine module, CUDA only, optional extra),
-                        "auto" (scaled_mm on CUDA sm89+, else emulated).
+                        "auto" (scaled_mm on CUDA sm89+, else emulated). Transformer Engine,
+                        which replaces whole layers, is a converter instead: fp8train.convert_to_te.
     grad_output_format: format of output gradients: "e5m2" (default: gradients need range more
                         than precision) or "e4m3" (allowed, with a warning: gradients beyond
                         448 / scale saturate). torch.float8_e5m2 / torch.float8_e4m3fn are
@@ -55,18 +57,20 @@ class Fp8Config:
     def __post_init__(self) -> None:
         owner = "Fp8Config"
         if isinstance(self.grad_output_format, torch.dtype) and self.grad_output_format in FP8_DTYPES:
-            self.grad_output_format = FP8_DTYPES[self.grad_output_format].name  # YAML and wandb see the name
+            # YAML and wandb see the name; frozen, so the one normalisation goes through object.__setattr__
+            object.__setattr__(self, "grad_output_format", FP8_DTYPES[self.grad_output_format].name)
         check_choice(owner, "recipe", self.recipe, RECIPES)
         check_int_range(owner, "amax_history_len", self.amax_history_len, 1, 1 << 16)
         check_choice(owner, "amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
         check_int_range(owner, "margin", self.margin, 0, 64)
         check_int_range(owner, "constant_bias", self.constant_bias, LOG2_SCALE_MIN, LOG2_SCALE_MAX)
+        if self.backend == "te":  # Transformer Engine replaces whole layers: a converter of its own
+            raise ValueError("Fp8Config.backend='te' is not a GEMM backend: Transformer Engine is a converter, "
+                             "fp8train.convert_to_te(model, config=...) (trainer: precision.fp8_converter=te); "
+                             f"allowed backends: {', '.join(map(repr, BACKENDS))}")
         check_choice(owner, "backend", self.backend, BACKENDS)
         check_choice(owner, "grad_output_format", self.grad_output_format, tuple(FP8_FORMATS))
         check_type(owner, "fast_cast", self.fast_cast, bool)
-        if self.backend == "te" and self.recipe == "constant":
-            raise ValueError("Fp8Config.recipe='constant' is not available with backend='te'; "
-                             "allowed recipes for te: 'current', 'delayed'")
         if self.grad_output_format == "e4m3":
             warnings.warn("Fp8Config.grad_output_format='e4m3': output gradients get 3 mantissa bits "
                           "but only 2**17.8 of range; expect more saturation/underflow than 'e5m2'",

@@ -47,6 +47,9 @@ class Fp8AdamW(torch.optim.Optimizer):
     """``torch.optim.AdamW`` semantics (decoupled weight decay, bias correction, param groups with
     their own lr / betas / eps / weight_decay / maximize, lr schedulers) with low-precision state.
 
+    lr, betas, eps, weight_decay: as torch's AdamW, checked (here, per param group and on load) by
+                      ``check_hyperparameters``, the project's one rule: lr and weight_decay finite
+                      >= 0, eps finite > 0, betas in [0, 1).
     exp_avg_dtype:    m storage: torch.float8_e4m3fn (default), bfloat16, float16, float32
                       (or the names "e4m3", "bf16", "fp16", "fp32").
     exp_avg_sq_dtype: v storage: float16 (default), bfloat16, float32.

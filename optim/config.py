@@ -1,8 +1,13 @@
-"""``Fp8AdamWConfig``: the optimizer's settings as a typed config (Hydra fills it from YAML), and the
-validation shared with ``Fp8AdamW``'s constructor and its param groups."""
+"""``Fp8AdamWConfig``: the optimizer's settings as a typed config, and the one home of their rules.
+
+``check_hyperparameters`` and ``state_format_names`` are the only validation of AdamW's settings in
+the project: ``Fp8AdamW`` (constructor, param groups, loaded state), ``Fp8AdamWConfig`` and the
+trainer's ``OptimConfig`` / ``OptimStateConfig`` (which hold the same fields under their own YAML
+keys) all call them, so a value is accepted or refused by the same rule wherever it is written."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -12,37 +17,70 @@ import torch
 from fp8train._validate import check_type
 from fp8train.optim._formats import EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS, resolve_format
 
-__all__ = ["Fp8AdamWConfig", "check_hyperparameters"]
+__all__ = ["Fp8AdamWConfig", "check_hyperparameters", "check_lr", "state_format_names"]
+
+# The rules, stated once:
+#   lr, weight_decay: finite >= 0. An infinite lr makes the first update inf * 0 = nan or inf, and
+#       lr * weight_decay = inf turns w * (1 - lr * wd) into -inf: never a usable setting.
+#   eps: finite > 0. With eps 0 an element whose gradient has always been 0 (an unused embedding
+#       row) has m = v = 0 and its update m_hat / sqrt(v_hat) = 0 / 0 = nan: Fp8AdamW would skip
+#       every step (overflow), torch's AdamW would write nan into the weight.
+#   beta1, beta2: [0, 1). beta 1 keeps the moment at its initial 0 forever and makes the bias
+#       correction 1 - beta**t zero (a division by zero).
 
 
-def _check_range(owner: str, field: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> None:
+def _check_finite(owner: str, field: str, value: Any, *, positive: bool) -> None:
     check_type(owner, field, value, (int, float))
-    if not (lo <= value < hi if hi_open else lo <= value <= hi):
-        raise ValueError(f"{owner}.{field}={value!r} is out of range; allowed: numbers in "
-                         f"[{lo}, {hi}{')' if hi_open else ']'}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{owner}.{field}={value!r} is out of range; allowed: finite numbers "
+                         f"{'> 0' if positive else '>= 0'}")
 
 
-def check_hyperparameters(owner: str, *, lr: Any, betas: Any, eps: Any, weight_decay: Any, maximize: Any) -> None:
-    """The AdamW hyper-parameters of the constructor or of one param group."""
-    _check_range(owner, "lr", float(lr) if isinstance(lr, torch.Tensor) else lr, 0.0, float("inf"))
+def check_lr(owner: str, field: str, value: Any) -> None:
+    """A learning rate (``lr``, or a schedule's ``min_lr``): a finite number >= 0."""
+    _check_finite(owner, field, float(value) if isinstance(value, torch.Tensor) else value, positive=False)
+
+
+def check_hyperparameters(owner: str, *, lr: Any, betas: Any, eps: Any, weight_decay: Any, maximize: Any = False,
+                          beta_fields: tuple[str, str] = ("betas[0]", "betas[1]")) -> None:
+    """The AdamW hyper-parameters of a config, of the constructor or of one param group; ``beta_fields``
+    names the betas as the caller's fields are named (a config's ``beta1``, ``beta2``)."""
+    check_lr(owner, "lr", lr)
     if not isinstance(betas, Iterable) or len(tuple(betas)) != 2:
         raise ValueError(f"{owner}.betas={betas!r} must be a pair (beta1, beta2)")
-    for name, beta in zip(("betas[0]", "betas[1]"), betas):
-        _check_range(owner, name, beta, 0.0, 1.0, hi_open=True)
-    _check_range(owner, "eps", eps, 0.0, float("inf"))
-    _check_range(owner, "weight_decay", weight_decay, 0.0, float("inf"))
+    for name, beta in zip(beta_fields, betas):
+        check_type(owner, name, beta, (int, float))
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{owner}.{name}={beta!r} is out of range; allowed: numbers in [0, 1)")
+    _check_finite(owner, "eps", eps, positive=True)
+    _check_finite(owner, "weight_decay", weight_decay, positive=False)
     check_type(owner, "maximize", maximize, bool)
 
 
-@dataclass(kw_only=True, slots=True)
+def state_format_names(owner: str, *, exp_avg_dtype: Any, exp_avg_sq_dtype: Any,
+                       master_dtype: Any) -> dict[str, str | None]:
+    """The config names of the three state formats (a torch dtype is accepted and named, as YAML and
+    wandb see names); ValueError naming the field and the allowed values otherwise."""
+    out: dict[str, str | None] = {}
+    for field, value, allowed in (("exp_avg_dtype", exp_avg_dtype, EXP_AVG_FORMATS),
+                                  ("exp_avg_sq_dtype", exp_avg_sq_dtype, EXP_AVG_SQ_FORMATS),
+                                  ("master_dtype", master_dtype, MASTER_FORMATS)):
+        fmt = resolve_format(owner, field, value, allowed)
+        out[field] = None if fmt is None else fmt.name
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Fp8AdamWConfig:
     """Settings of ``Fp8AdamW`` (see its docstring for the numerics).
 
-    lr:               learning rate (>= 0), per step.
+    lr:               learning rate (finite, >= 0), per step.
     beta1, beta2:     decay rates of the first and second moment, in [0, 1).
-    eps:              added to sqrt(v_hat) in the denominator (>= 0).
-    weight_decay:     decoupled weight decay coefficient (>= 0): w <- w * (1 - lr * weight_decay).
-    exp_avg_dtype:    storage of m: "e4m3" (1 byte) | "bf16" | "fp16" | "fp32".
+    eps:              added to sqrt(v_hat) in the denominator (finite, > 0).
+    weight_decay:     decoupled weight decay coefficient (finite, >= 0): w <- w * (1 - lr * weight_decay).
+    (The rules and their reasons: the comment above ``check_hyperparameters``.)
+    exp_avg_dtype:    storage of m: "e4m3" (1 byte) | "bf16" | "fp16" | "fp32" (a torch dtype is
+                      accepted and stored as its name, as for the two below).
     exp_avg_sq_dtype: storage of v: "fp16" (2 bytes) | "bf16" | "fp32".
     master_dtype:     storage of the master weight: "fp16" (2 bytes, scaled) | "bf16" | "fp32" |
                       None (no master: the parameter itself, in its own dtype, is updated).
@@ -65,10 +103,11 @@ class Fp8AdamWConfig:
     def __post_init__(self) -> None:
         owner = "Fp8AdamWConfig"
         check_hyperparameters(owner, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
-                              weight_decay=self.weight_decay, maximize=self.maximize)
-        resolve_format(owner, "exp_avg_dtype", self.exp_avg_dtype, EXP_AVG_FORMATS)
-        resolve_format(owner, "exp_avg_sq_dtype", self.exp_avg_sq_dtype, EXP_AVG_SQ_FORMATS)
-        resolve_format(owner, "master_dtype", self.master_dtype, MASTER_FORMATS)
+                              weight_decay=self.weight_decay, maximize=self.maximize, beta_fields=("beta1", "beta2"))
+        names = state_format_names(owner, exp_avg_dtype=self.exp_avg_dtype, exp_avg_sq_dtype=self.exp_avg_sq_dtype,
+                                   master_dtype=self.master_dtype)
+        for field, name in names.items():
+            object.__setattr__(self, field, name)  # frozen: a dtype becomes its name once, at construction
         if self.fused is not None:
             check_type(owner, "fused", self.fused, bool)
 

@@ -20,6 +20,7 @@ from fp8train.trainer._typed import build_dataclass, to_plain
 from fp8train.trainer.data import DataConfig
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig
+from fp8train.optim import check_hyperparameters, check_lr
 from fp8train.trainer.precision import PrecisionConfig
 from fp8train.trainer.faults import FaultsConfig
 
@@ -62,9 +63,10 @@ class ModelConfig:
         return next(a for a, cls in ARCHS.items() if isinstance(self.spec, cls))
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class OptimConfig:
-    """AdamW hyperparameters and the learning-rate schedule (per optimizer step).
+    """AdamW hyperparameters and the learning-rate schedule (per optimizer step); lr, beta1, beta2,
+    eps and weight_decay are validated by ``fp8train.optim.check_hyperparameters`` (their one rule).
     lr: peak learning rate; min_lr: floor of the cosine decay; warmup_steps: linear warm-up from
     lr/warmup_steps to lr; schedule: "cosine" (to min_lr at train.steps) | "constant" (after warm-up);
     max_grad_norm: clip the global L2 gradient norm to this (None: no clipping)."""
@@ -80,12 +82,10 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("lr", "min_lr", "eps", "weight_decay"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r} is out of range; allowed: finite >= 0")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r} is out of range; allowed: [0, 1)")
+        # AdamW's own settings follow fp8train.optim's one rule (the same for torch AdamW and Fp8AdamW)
+        check_hyperparameters("OptimConfig", lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
+                              weight_decay=self.weight_decay, beta_fields=("beta1", "beta2"))
+        check_lr("OptimConfig", "min_lr", self.min_lr)
         if self.min_lr > self.lr:
             raise ValueError(f"OptimConfig.min_lr={self.min_lr} is above lr={self.lr}; allowed: min_lr <= lr")
         if self.warmup_steps < 0:

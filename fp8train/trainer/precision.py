@@ -18,35 +18,37 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fp8train.errors import ConfigError
-from fp8train._validate import check_choice
 from fp8train.trainer.bf16 import bf16_autocast, convert_to_bf16_emulated
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.config import Fp8Config
-from fp8train.convert import FP8_DIM_MULTIPLE, convert_to_fp8
+from fp8train.convert import FP8_DIM_MULTIPLE, conversion_targets, convert_to_fp8
 from fp8train.linear import Fp8Linear
-from fp8train.optim._formats import EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS
+from fp8train.te import convert_to_te, te_forward_context, te_recipe_kwargs
+from fp8train.optim import state_format_names
 
 __all__ = ["OptimStateConfig", "PrecisionConfig", "apply_precision"]
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class OptimStateConfig:
     """Storage formats of Fp8AdamW's state (used when ``PrecisionConfig.optimizer="fp8_adamw"``):
     exp_avg_dtype "e4m3" | "bf16" | "fp16" | "fp32"; exp_avg_sq_dtype "fp16" | "bf16" | "fp32";
-    master_dtype "fp16" | "bf16" | "fp32" | None (the parameter itself is the master)."""
+    master_dtype "fp16" | "bf16" | "fp32" | None (the parameter itself is the master). The allowed
+    names are fp8train.optim's (``EXP_AVG_FORMATS`` ...), checked by its ``state_format_names``."""
 
     exp_avg_dtype: str = "e4m3"
     exp_avg_sq_dtype: str = "fp16"
     master_dtype: str | None = "fp16"
 
     def __post_init__(self) -> None:
-        owner = "OptimStateConfig"
-        check_choice(owner, "exp_avg_dtype", self.exp_avg_dtype, EXP_AVG_FORMATS)
-        check_choice(owner, "exp_avg_sq_dtype", self.exp_avg_sq_dtype, EXP_AVG_SQ_FORMATS)
-        check_choice(owner, "master_dtype", self.master_dtype, MASTER_FORMATS)
+        names = state_format_names("OptimStateConfig", exp_avg_dtype=self.exp_avg_dtype,
+                                   exp_avg_sq_dtype=self.exp_avg_sq_dtype, master_dtype=self.master_dtype)
+        for field_name, name in names.items():
+            object.__setattr__(self, field_name, name)  # frozen: a dtype becomes its name once, here
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,6 +62,10 @@ class PrecisionConfig:
                  ``optim_state``).
     fp8_weights: ZeRO owners all-gather the FP8 linear weights (E4M3 + scale) instead of the
                  high-precision ones; needs parallel zero1/zero2 and fp8_adamw with a master.
+    fp8_converter: with gemm="fp8", what replaces the Linear layers: "native" (Fp8Linear, GEMMs on
+                 ``fp8.backend``) | "te" (Transformer Engine's Linear, CUDA only; forward under its
+                 fp8_autocast with the recipe made from ``fp8``; its scaling state is in the
+                 model's state_dict). See fp8train.te.
     fp8:         Fp8Linear settings (recipe, margin, backend, ...), used when gemm="fp8".
     comm:        FP8 gradient communication settings, used when grad_comm="fp8".
     optim_state: Fp8AdamW state formats.
@@ -70,6 +76,7 @@ class PrecisionConfig:
     grad_comm: Literal["native", "fp8"] = "fp8"
     optimizer: Literal["adamw", "fp8_adamw"] = "fp8_adamw"
     fp8_weights: bool = False
+    fp8_converter: Literal["native", "te"] = "native"
     fp8: Fp8Config = field(default_factory=Fp8Config)
     comm: Fp8CommConfig = field(default_factory=Fp8CommConfig)
     optim_state: OptimStateConfig = field(default_factory=OptimStateConfig)
@@ -83,20 +90,45 @@ class PrecisionConfig:
                              "'fp16', 'bf16', 'fp32' (got None): the weights themselves become FP8")
         if self.fp8_weights and self.gemm != "fp8":
             raise ValueError(f"PrecisionConfig.fp8_weights=True needs gemm='fp8' (got {self.gemm!r})")
+        if self.fp8_converter == "te":
+            self._check_te()
+
+    def _check_te(self) -> None:
+        if self.gemm != "fp8":
+            raise ValueError(f"PrecisionConfig.fp8_converter='te' needs gemm='fp8' (got {self.gemm!r}); "
+                             f"allowed with gemm={self.gemm!r}: fp8_converter='native'")
+        if self.fp8_weights:
+            raise ValueError("PrecisionConfig.fp8_weights=True needs fp8_converter='native' (got 'te'): "
+                             "ZeRO gathers the weights of Fp8Linear layers in FP8, TE casts its own")
+        te_recipe_kwargs(self.fp8)  # TE has no 'constant' recipe: refused with the config, not at step 1
 
 
 def apply_precision(model: nn.Module, cfg: PrecisionConfig,
                     device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     """Convert ``model``'s linear layers in place for ``cfg.gemm``; returns a factory of the context
-    each forward pass runs under (bf16 autocast on CUDA, nothing elsewhere)."""
+    each forward pass runs under (bf16 autocast on CUDA, TE's fp8_autocast with fp8_converter='te',
+    nothing elsewhere)."""
     if cfg.gemm == "fp8":
-        convert_to_fp8(model, config=cfg.fp8)
-        if not fp8_weight_names(model):
-            _no_fp8_layer(model)
-    elif cfg.gemm == "bf16":
+        return _apply_fp8(model, cfg)
+    if cfg.gemm == "bf16":
         if device.type == "cuda":
             return lambda: bf16_autocast(device)
         convert_to_bf16_emulated(model)  # bf16 GEMMs on CPU are ~100x slower than fp32: emulate
+    return nullcontext
+
+
+def _apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> Callable[[], AbstractContextManager[Any]]:
+    """Convert with the converter ``cfg.fp8_converter`` picks; returns the forward context factory."""
+    if cfg.fp8_converter == "te":
+        if not conversion_targets(model):
+            _no_fp8_layer(model)
+        convert_to_te(model, config=cfg.fp8)
+        # TE reduces amaxes over fp8_group: with the world every rank holds the same amax history,
+        # so the model.pt that one rank writes carries every rank's delayed-scaling state.
+        return te_forward_context(cfg.fp8, fp8_group=dist.group.WORLD if dist.is_initialized() else None)
+    convert_to_fp8(model, config=cfg.fp8)
+    if not fp8_weight_names(model):
+        _no_fp8_layer(model)
     return nullcontext
 
 
