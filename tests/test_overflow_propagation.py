@@ -139,11 +139,12 @@ def _fault_model() -> torch.nn.Module:
 def test_activation_grad_fault_poisons_the_first_fp8_linear_output_gradient(value, rank, step, last_micro, fires):
     from fp8train.trainer.faults import Faults, FaultsConfig
 
-    faults = Faults(FaultsConfig(nonfinite_step=3, nonfinite_rank=1, nonfinite_value=value,
-                                 nonfinite_where="activation_grad"), rank, resumed=False)
-    assert faults.loss_factor(step) == 1.0  # the loss is left alone in this mode
     model = _fault_model()
-    with faults.activation_grad(model, step, last_micro=last_micro):
+    faults = Faults(FaultsConfig(nonfinite_step=3, nonfinite_rank=1, nonfinite_value=value,
+                                 nonfinite_where="activation_grad"), rank, resumed=False, model=model)
+    loss = torch.tensor(1.0)
+    assert faults.on_loss(step, 1, loss, last=True) is loss  # the loss is left alone in this mode
+    with faults.micro_step_context(step, 1 if last_micro else 0, last=last_micro):
         model(torch.randn(4, 64)).square().mean().backward()
     first, fp8, last = model
     # the FP8 layer's grad_output cast saw the inf/nan: its dw and everything upstream are NaN

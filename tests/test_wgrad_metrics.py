@@ -22,7 +22,7 @@ from fp8train.trainer.precision import apply_precision
 from fp8train.trainer.build import build_model
 from fp8train.trainer.config import train_config_from_mapping
 from fp8train.trainer.distributed import DistEnv
-from fp8train.trainer.fp8_sampling import Fp8Sampler
+from fp8train.trainer.fp8_stats_hook import Fp8StatsHook
 from fp8train.trainer.strategy import build_strategy
 
 PRESET = {"gemm": "fp8", "grad_comm": "fp8", "optimizer": "fp8_adamw"}
@@ -64,16 +64,15 @@ def _worker(rank: int, world: int, strategy_name: str) -> dict:
     model = _model(cfg, env)
     strategy = build_strategy(model, cfg, env)
     strategy.set_lr(1e-3)
-    sampler = Fp8Sampler(cfg, model, strategy)
-    sampler.start(1)  # the loop's order of calls on a sampled step
+    hook = Fp8StatsHook(cfg.monitor.every, model, strategy)
+    hook.on_step_start(1)  # the loop's order of calls on a sampled step
     with strategy.accumulating(sync=True):
         _loss(strategy.module, rank).backward()
     params = dict(model.named_parameters())
     # what the old metric recomputed: from .grad as it is after backward (DDP: the reduced mean; ZeRO:
     # this rank's local gradient)
     old = {n: _bias(params[n].grad.abs().max()) for n in names}
-    strategy.step()
-    metrics = sampler.finish()
+    metrics = hook.after_step(1, strategy.step())
     keys = {n: "fp8/{}/wgrad/scaling_bias/{}".format(*layer_key(n.removesuffix(".weight"))) for n in names}
     return {"expected": expected, "old": old, "logged": {n: metrics.get(k) for n, k in keys.items()},
             "wgrad_keys": sorted(k for k in metrics if "/wgrad/" in k), "keys": sorted(keys.values())}

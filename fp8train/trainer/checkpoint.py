@@ -28,7 +28,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from fp8train._atomic import atomic_torch_save, atomic_write_text, complete_dir,
 from fp8train.errors import ConfigError
 from fp8train.scaling_state import ScalingState
 from fp8train.trainer.distributed import DistEnv, agree
+
+if TYPE_CHECKING:
+    from fp8train.trainer.strategy import Strategy
 
 __all__ = ["CHECKPOINTS_DIR", "TRAINER_FILE", "checkpoint_step", "checkpoints_by_step", "latest_checkpoint",
            "load_checkpoint", "resolve_resume", "save_checkpoint", "saved_config"]
@@ -131,7 +134,7 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(run_dir: Path, step: int, *, strategy: Any, model: nn.Module, env: DistEnv,
+def save_checkpoint(run_dir: Path, step: int, *, strategy: Strategy, model: nn.Module, env: DistEnv,
                     trainer_state: dict[str, Any], keep_last: int,
                     before_commit: Callable[[], None] | None = None) -> Path:
     """Collective: every rank calls it after the same step. Returns the checkpoint's final path.
@@ -207,7 +210,7 @@ def _load_error(path: Path, e: Exception) -> ConfigError | None:
                        f"{(lines or [''])[0][:300]}")
 
 
-def load_checkpoint(path: Path, *, strategy: Any, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, strategy: Strategy, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     """Collective: restore model, optimizer, this rank's RNG and FP8 scaling states; returns the
     trainer state (trainer.json). Scaling states and RNG come from this rank's file when the world
     size is unchanged, else from rank 0's (each rank's own history does not exist at the new size).
@@ -221,7 +224,7 @@ def load_checkpoint(path: Path, *, strategy: Any, model: nn.Module, env: DistEnv
         raise error from None
 
 
-def _load(path: Path, *, strategy: Any, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+def _load(path: Path, *, strategy: Strategy, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     trainer_state = json.loads((path / TRAINER_FILE).read_text())
     strategy.load(path)
     same_world = trainer_state.get("world_size") == env.world_size

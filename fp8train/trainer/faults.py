@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fp8train.linear import Fp8Linear
+from fp8train.trainer.hooks import StepHook
 
 __all__ = ["FaultsConfig", "Faults"]
 
@@ -72,9 +73,11 @@ class FaultsConfig:
                 raise ValueError(f"FaultsConfig.{name}={getattr(self, name)} is out of range; allowed: >= 0")
 
 
-class Faults:
-    def __init__(self, cfg: FaultsConfig, rank: int, *, resumed: bool) -> None:
-        self.cfg, self.rank = cfg, rank
+class Faults(StepHook):
+    """The faults of ``cfg`` as a step hook (the first of the loop's list; see fp8train.trainer.hooks)."""
+
+    def __init__(self, cfg: FaultsConfig, rank: int, *, resumed: bool, model: nn.Module) -> None:
+        self.cfg, self.rank, self.model = cfg, rank, model
         self.first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 and not resumed
 
     def _nonfinite(self, step: int, where: str) -> float | None:
@@ -84,22 +87,22 @@ class Faults:
             return math.inf if c.nonfinite_value == "inf" else math.nan
         return None
 
-    def loss_factor(self, step: int) -> float:
-        """1.0, or inf/nan on the rank and step chosen for a non-finite loss."""
-        value = self._nonfinite(step, "loss")
-        return 1.0 if value is None else value
+    def on_loss(self, step: int, micro: int, loss: torch.Tensor, *, last: bool) -> torch.Tensor:
+        """The last micro-step's loss times inf/nan on the rank and step chosen for a non-finite loss
+        (an injected overflow); every other loss is returned as it is."""
+        value = self._nonfinite(step, "loss") if last else None
+        return loss if value is None else loss * value
 
-    def activation_grad(self, model: nn.Module, step: int, *,
-                        last_micro: bool) -> contextlib.AbstractContextManager[None]:
-        """Context around a micro-step's forward and backward: on the last micro-step of the rank and
-        step chosen with ``nonfinite_where="activation_grad"``, the gradient arriving at the first FP8
+    def micro_step_context(self, step: int, micro: int, *, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Around a micro-step's forward and backward: on the last micro-step of the rank and step
+        chosen with ``nonfinite_where="activation_grad"``, the gradient arriving at the first FP8
         (else plain) linear layer's output gets inf/nan in one element; elsewhere it does nothing."""
-        value = self._nonfinite(step, "activation_grad") if last_micro else None
+        value = self._nonfinite(step, "activation_grad") if last else None
         if value is None:
             return contextlib.nullcontext()
-        return _poisoned_output_grad(_first_linear(model), value)
+        return _poisoned_output_grad(_first_linear(self.model), value)
 
-    def at_step_start(self, step: int) -> None:
+    def on_step_start(self, step: int) -> None:
         c = self.cfg
         if c.kill_step == step and c.kill_rank == self.rank and self.first_attempt:
             print(f"faults: killing rank {self.rank} at the start of step {step}", flush=True)
@@ -109,8 +112,8 @@ class Faults:
             while True:
                 time.sleep(3600)
 
-    def in_checkpoint(self, step: int) -> None:
-        """Called after a checkpoint's files are written, before it is committed."""
+    def before_commit(self, step: int) -> None:
+        """After a checkpoint's files are written, before it is committed."""
         if self.cfg.crash_in_checkpoint_step == step and self.rank == 0 and self.first_attempt:
             print(f"faults: killing rank 0 while checkpoint step {step} is half written", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

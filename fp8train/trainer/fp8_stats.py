@@ -8,7 +8,7 @@ draws one line per decoder layer:
   role        input, weight, grad_output (the three casts of an Fp8Linear), wgrad (the weight
               gradient: the scale the FP8 gradient communication used, scaling_bias only), m, v,
               master (Fp8AdamW state);
-  stat        scaling_bias (log2 of the power-of-two scale: the seed paper's scaling bias), amax,
+  stat        scaling_bias (log2 of the power-of-two scale: the Graphcore paper's scaling bias), amax,
               saturated_frac (elements clamped to the format's max), underflow_frac (non-zero
               elements that became 0, over the non-zero elements).
 Cast roles report rank 0's tensors (each rank scales its own activations); the bias is the one in

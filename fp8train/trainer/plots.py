@@ -5,7 +5,7 @@
 Writes into ``--out`` (default: the first run's ``plots/``):
   scaling_bias_by_layer.png     the last sampled step: scaling bias per decoder layer and linear type
                                 for weights, activations (inputs), output gradients and weight
-                                gradients (the seed paper's Figure 6), first run only;
+                                gradients (the Graphcore paper's Figure 6, arXiv 2309.17224), first run only;
   scaling_bias_over_training.png  the same biases against the step, one line per layer, first run;
   loss.png                      train and validation loss of every run given, side by side.
 The trainer writes them into ``run_dir/plots`` at the end of a run (``monitor.plots``).

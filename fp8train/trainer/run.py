@@ -22,6 +22,8 @@ from fp8train.trainer.build import build_model, count_parameters
 from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume, saved_config
 from fp8train.trainer.config import TrainConfig, train_config_to_mapping
 from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
+from fp8train.trainer.faults import Faults
+from fp8train.trainer.fp8_stats_hook import Fp8StatsHook
 from fp8train.trainer.loop import LoopState, run_loop
 from fp8train.trainer.run_log import Monitor, check_wandb_login
 from fp8train.trainer.resume import abandon_tag, check_resume_config, set_aside_later_checkpoints
@@ -130,10 +132,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "tokens_seen": s.tokens_seen, "world_size": env.world_size,
                         "wandb_id": monitor.wandb_id, "config": plain}
 
+            # the loop's step hooks, in the order they run at each point
+            hooks = [Faults(cfg.faults, env.rank, resumed=state.step > 0, model=model),
+                     Fp8StatsHook(cfg.monitor.every, model, strategy)]
             state = run_loop(cfg, model=model, strategy=strategy, sampler=sampler, val_tokens=data.val, env=env,
-                             monitor=monitor, state=state, run_dir=run_dir,
-                             forward_ctx_factory=forward_ctx,
-                             trainer_state=trainer_state)
+                             monitor=monitor, state=state, run_dir=run_dir, forward_ctx_factory=forward_ctx,
+                             trainer_state=trainer_state, hooks=hooks)
             if cfg.monitor.plots and env.is_main:
                 from fp8train.trainer.plots import write_run_plots  # matplotlib: only when plotting
 

@@ -1,4 +1,5 @@
-"""Data-parallel strategies behind one interface: DDP (replicated optimizer) and whole-tensor ZeRO.
+"""Data-parallel strategies behind one interface (``Strategy``): DDP (replicated optimizer) and
+whole-tensor ZeRO.
 
 Both give the loop: ``module`` (what the forward runs through), ``accumulating(sync)`` (the context
 of one micro-step's forward+backward: gradients are synchronised only on the last micro-step, so the
@@ -13,7 +14,7 @@ import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from fp8train.trainer.build import build_optimizer
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
 
-__all__ = ["DdpStrategy", "StepOutcome", "ZeroStrategy", "build_strategy"]
+__all__ = ["DdpStrategy", "StepOutcome", "Strategy", "ZeroStrategy", "build_strategy"]
 
 _MODEL_FILE = "model.pt"
 _OPTIM_FILE = "optim.pt"
@@ -44,6 +45,43 @@ class StepOutcome:
     skipped: bool
     grad_norm: float | None
     comm_bytes: int
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the loop, the step hooks and the checkpoint code call on a parallelism strategy (DDP,
+    ZeRO, and any later engine). ``isinstance`` checks only that the members exist."""
+
+    module: nn.Module  # what the forward runs through (the DDP wrapper, or the model itself)
+
+    @property
+    def local_optimizer(self) -> torch.optim.Optimizer | None:
+        """This rank's optimizer (None: it owns no parameters); FP8 statistics read its state."""
+        ...
+
+    def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
+        """Context of one micro-step's forward+backward; ``sync``: the last one, whose gradients are synchronised."""
+        ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def step(self) -> StepOutcome:
+        """Synchronise gradients if not done yet, skip on overflow (on every rank), clip, update."""
+        ...
+
+    def zero_grad(self) -> None: ...
+
+    def grad_log2_scales(self) -> dict[str, float]:
+        """{parameter name: scaling bias the FP8 gradient sync used} at the last step ({} if none)."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Collective: write the model and optimizer state of a checkpoint into ``directory``."""
+        ...
+
+    def load(self, directory: Path) -> None:
+        """Collective: read what ``save`` wrote."""
+        ...
 
 
 def _ring_all_reduce_bytes(params: list[nn.Parameter], world_size: int) -> int:
@@ -181,7 +219,7 @@ class ZeroStrategy:
         load_zero_checkpoint(self.zero, self.model, directory)
 
 
-def build_strategy(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> DdpStrategy | ZeroStrategy:
+def build_strategy(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> Strategy:
     if not dist.is_initialized():
         raise RuntimeError("build_strategy needs a process group (see trainer.distributed.distributed_session)")
     strategy = cfg.strategy
