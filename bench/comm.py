@@ -3,12 +3,12 @@
     torchrun --nproc-per-node=2 bench/comm.py               # loopback, 2 processes (~1-2 min)
     torchrun --nproc-per-node=4 bench/comm.py --sizes 16M   # loopback, 4 processes
     # two "nodes" joined by a 1 Gbit/s link (network namespaces on this machine; needs root):
-    ../shared/tools/netns-cluster up 2 1gbit
-    ../shared/tools/netns-cluster run 1 sh -c 'exec .venv/bin/torchrun --nnodes=2 --nproc-per-node=1 \
+    launch/netns_cluster.sh up 2 1gbit
+    launch/netns_cluster.sh exec 1 sh -c 'exec .venv/bin/torchrun --nnodes=2 --nproc-per-node=1 \
         --node-rank=1 --master-addr=$MASTER_ADDR --master-port=29511 bench/comm.py --label 1gbit' &
-    ../shared/tools/netns-cluster run 0 sh -c 'exec .venv/bin/torchrun --nnodes=2 --nproc-per-node=1 \
+    launch/netns_cluster.sh exec 0 sh -c 'exec .venv/bin/torchrun --nnodes=2 --nproc-per-node=1 \
         --node-rank=0 --master-addr=$MASTER_ADDR --master-port=29511 bench/comm.py --label 1gbit'
-    ../shared/tools/netns-cluster down
+    launch/netns_cluster.sh down
 
 Each rank holds a gradient list of 8 fp32 tensors (the given total number of elements). Methods:
   fp32   dist.all_reduce(SUM) of the fp32 tensors, then / N (what DDP does by default);

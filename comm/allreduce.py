@@ -1,4 +1,4 @@
-"""FP8 gradient all-reduce with a globally-synced scale, built from stock collectives (DESIGN §4).
+"""FP8 gradient all-reduce with a globally-synced scale, built from stock collectives (docs/design.md).
 
 One bucket of n gradient tensors on N ranks:
   1. local amax of every tensor, NaN -> inf so MAX cannot drop it;

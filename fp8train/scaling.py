@@ -1,6 +1,6 @@
 """The scaling pipeline, spelled by names: ``tensor_to_amax`` -> ``amax_to_scale``.
 
-Scales are powers of two (the *scaling bias* of the seed paper): ``log2_scale = floor(log2(fmax /
+Scales are powers of two (the *scaling bias* of the Graphcore paper, arXiv 2309.17224): ``log2_scale = floor(log2(fmax /
 amax)) - margin``, ``scale = 2**log2_scale``. A power-of-two scale changes only the exponent of every
 element, so multiplying by it (and by ``scale_inv`` when decoding) is exact in fp32 as long as no
 result leaves fp32's normal range; the only rounding in the whole quantize/dequantize round trip is

@@ -1,4 +1,4 @@
-"""Shared test helpers. Tolerance tiers (STYLE.md §7):
+"""Shared test helpers. Tolerance tiers (docs/design.md, Tests):
   1. bit-exact (``torch.equal`` on uint8 views / ``rtol=0, atol=0``): lossless paths;
   2. SQNR floors in dB: lossy FP8 paths, floor derived from the mantissa width next to each use;
   3. ``hp_tol(dtype)``: high-precision parity where only summation order differs.

@@ -1,5 +1,5 @@
 """Two nodes for real: launch/multi_node.sh on two network namespaces joined by a rate-limited link
-(/work/shared/tools/netns-cluster), one process each, c10d rendezvous on node 0. The same config run
+(launch/netns_cluster.sh), one process each, c10d rendezvous on node 0. The same config run
 as 2 processes on one node (launch/single_node.sh) must give bit-identical metrics and weights: the
 math does not depend on where the ranks live (tolerance tier 1, bit-exact).
 

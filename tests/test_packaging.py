@@ -1,4 +1,4 @@
-"""Layout and install contract (DESIGN.md §1): optim/ and comm/ ship only as fp8train.optim and
+"""Layout and install contract (docs/design.md, Wings and layers): optim/ and comm/ ship only as fp8train.optim and
 fp8train.comm; configs travel in the wheel; importing fp8train patches nothing in torch."""
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def test_wheel_contains_only_the_fp8train_namespace(wheel: Path) -> None:
     configs = {n.removeprefix("fp8train/configs/") for n in names if n.startswith("fp8train/configs/")}
     shipped = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     assert shipped and shipped <= configs  # every config group and preset travels in the wheel
+    # the three wings and ZeRO's subpackage ship; test fixtures do not
+    for package in ("trainer", "ptq", "comm/zero"):
+        assert f"fp8train/{package}/__init__.py" in names
+    assert not [n for n in names if Path(n).stem in {"synthetic", "gloo_spawn", "netns_utils", "conftest"}]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fp8train = fp8train.trainer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

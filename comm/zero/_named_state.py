@@ -1,5 +1,5 @@
 """An inner optimizer's state keyed by parameter NAME instead of by position, so that ZeRO state saved
-under one partition loads under another (DESIGN §6: checkpoints store state by name, not by rank).
+under one partition loads under another (docs/design.md: checkpoints store state by name, not by rank).
 
 Generic over ``torch.optim.Optimizer``: torch's ``state_dict()`` numbers the parameters in
 ``param_groups`` order; here each number is replaced by the parameter's name, and each parameter

@@ -1,4 +1,4 @@
-"""The weight all-gather of whole-tensor ZeRO (DESIGN §6): after the owners' optimizer step, ONE
+"""The weight all-gather of whole-tensor ZeRO (docs/design.md): after the owners' optimizer step, ONE
 all-gather of equally sized uint8 slots gives every rank every parameter's new value.
 
 Slot layout, planned once (``plan_weight_slots``): rank r's slot holds the parameters it owns in

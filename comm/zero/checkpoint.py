@@ -1,5 +1,5 @@
 """ZeRO checkpoints on disk, keyed by parameter NAME, so that a run saved on N ranks resumes on any M
-(DESIGN §6).
+(docs/design.md).
 
 Layout of a checkpoint directory:
     optim-rank{r}-of-{N}.pt  rank r's ``ZeroOptimizer.state_dict()``: the optimizer state of the

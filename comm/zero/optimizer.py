@@ -1,4 +1,4 @@
-"""Whole-tensor ZeRO-1/2 (DESIGN §6): every parameter, with its optimizer state, lives on exactly
+"""Whole-tensor ZeRO-1/2 (docs/design.md): every parameter, with its optimizer state, lives on exactly
 one owner rank (``partition_parameters``: deterministic LPT, no communication); owners step an
 ordinary inner optimizer over their own parameters, then every rank receives the new weights.
 
@@ -27,7 +27,7 @@ optimizer's math is per tensor (``Fp8AdamW``), ZeRO-1/2 reproduce the replicated
 (with ``fp8_weight_names``: followed by the E4M3 round trip of those parameters after each step).
 
 FP8 compute weights (``fp8_weight_names``; in the trainer the ``.weight`` of every ``Fp8Linear``,
-DESIGN §6 "FP8 + scale_inv packed in one payload"). Such a parameter costs numel + 4 bytes in the
+E4M3 codes and their scale_inv in one payload, comm/zero/_weights.py). Such a parameter costs numel + 4 bytes in the
 all-gather instead of numel * element_size: about 1/4 of the lossless bytes for fp32, 1/2 for bf16.
 The owner quantizes the weight its inner optimizer wrote with a power-of-two scale from the weight's
 own amax (margin 0; amax 0/inf/nan keeps the previous scaling bias, which checkpoints save by name)

@@ -1,4 +1,4 @@
-"""Whole-tensor partitioning for ZeRO (DESIGN §6): each parameter, with its FP8 data and scales, is
+"""Whole-tensor partitioning for ZeRO (docs/design.md): each parameter, with its FP8 data and scales, is
 owned by exactly one rank.
 
 Longest-processing-time greedy: parameters sorted by (numel descending, index ascending), each given

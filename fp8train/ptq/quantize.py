@@ -1,7 +1,7 @@
 """FP8 post-training quantization (PTQ) for inference, and the language-model metrics to judge it.
 
 ``quantize_for_inference`` turns a model trained in high precision (fp32 ``nn.Linear`` or the
-bf16 baseline's ``Bf16Linear``) into an FP8 inference model, in place, with one of the seed paper's
+bf16 baseline's ``Bf16Linear``) into an FP8 inference model, in place, with one of the Graphcore paper's
 two recipes (its Table 3 and Figure 5):
 
   "amax"   (FP8-AMAX)   per-tensor, just-in-time scaling: every input and weight is cast with the

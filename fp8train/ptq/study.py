@@ -1,4 +1,4 @@
-"""``fp8train-eval``: FP8 post-training quantization study of a trained run (the seed paper's Table 3
+"""``fp8train-eval``: FP8 post-training quantization study of a trained run (the Graphcore paper's Table 3
 and Figure 5): validation loss and top-1 next-token accuracy of
 
   (a) the model as trained (fp32, bf16, or -- for an FP8-trained run -- its FP8 layers and scales),
