@@ -88,7 +88,7 @@ def _loop_worker(rank: int, world: int, cfg, run_dir: str) -> dict:
     from fp8train.trainer.distributed import DistEnv
     from fp8train.trainer.loop import LoopState, run_loop
     from fp8train.trainer.precision import apply_precision
-    from fp8train.trainer.run_log import Monitor, read_metrics
+    from fp8train.trainer.run_log import RunLog, read_metrics
     from fp8train.trainer.strategy import build_strategy
 
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device=torch.device("cpu"))
@@ -97,16 +97,16 @@ def _loop_worker(rank: int, world: int, cfg, run_dir: str) -> dict:
     strategy = build_strategy(model, cfg, env)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 8192).astype(np.uint16)
     sampler = WindowSampler(tokens[:6000], seq_len=cfg.block_size, seed=0)
-    monitor = Monitor(cfg.logging, run_dir=Path(run_dir), run_name="t", config={}, is_main=rank == 0,
+    run_log = RunLog(cfg.logging, run_dir=Path(run_dir), run_name="t", config={}, is_main=rank == 0,
                       start_step=0, total_steps=cfg.train.steps, wandb_id=None)
-    monitor.open_metrics("t")
+    run_log.open_metrics("t")
     recorder = _Recorder()
     try:
         state = run_loop(cfg, model=model, strategy=strategy, sampler=sampler, val_tokens=tokens[6000:], env=env,
-                         monitor=monitor, state=LoopState(), run_dir=Path(run_dir), forward_ctx_factory=forward_ctx,
+                         run_log=run_log, state=LoopState(), run_dir=Path(run_dir), forward_ctx_factory=forward_ctx,
                          trainer_state=lambda s: {"data_position": sampler.position}, hooks=[_ZeroLoss(), recorder])
     finally:
-        monitor.close()
+        run_log.close()
     return {"calls": recorder.calls, "step": state.step, "metrics": read_metrics(run_dir) if rank == 0 else None}
 
 

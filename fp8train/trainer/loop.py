@@ -23,7 +23,7 @@ from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
 from fp8train.trainer.fp8_stats import bias_histograms
 from fp8train.trainer.hooks import StepHook, StepHooks
-from fp8train.trainer.run_log import Monitor, peak_memory_mib
+from fp8train.trainer.run_log import RunLog, peak_memory_mib
 from fp8train.trainer.schedule import lr_at
 from fp8train.trainer.strategy import StepOutcome, Strategy
 
@@ -104,7 +104,7 @@ def _micro_steps(cfg: TrainConfig, step: int, *, strategy: Strategy, sampler: Wi
 
 
 def _log_step(cfg: TrainConfig, state: LoopState, *, interval: _Interval, step_metrics: dict[str, float], lr: float,
-              sampler: WindowSampler, env: DistEnv, monitor: Monitor, hooks: StepHooks, done: bool) -> None:
+              sampler: WindowSampler, env: DistEnv, run_log: RunLog, hooks: StepHooks, done: bool) -> None:
     """The log line (every ``logging.log_every`` steps and at the end) with the hooks' metrics of
     this step; on other steps only the hooks' metrics, if any (metrics.jsonl, no console line)."""
     log = cfg.logging
@@ -119,16 +119,16 @@ def _log_step(cfg: TrainConfig, state: LoopState, *, interval: _Interval, step_m
                    **hooks.interval_metrics()}
         if interval.grad_norm is not None:
             metrics["train/grad_norm"] = interval.grad_norm
-        monitor.log(state.step, {**metrics, **step_metrics}, console=state.step % log.console_every == 0 or done)
+        run_log.log(state.step, {**metrics, **step_metrics}, console=state.step % log.console_every == 0 or done)
         interval.reset()
     elif step_metrics:
-        monitor.log(state.step, step_metrics, console=False)
+        run_log.log(state.step, step_metrics, console=False)
     if step_metrics and cfg.monitor.histograms:  # wandb histograms of the scaling biases among them
-        monitor.log_histograms(state.step, bias_histograms(step_metrics))
+        run_log.log_histograms(state.step, bias_histograms(step_metrics))
 
 
 def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Strategy, sampler: WindowSampler,
-             val_tokens: np.ndarray, env: DistEnv, monitor: Monitor, state: LoopState, run_dir: Path,
+             val_tokens: np.ndarray, env: DistEnv, run_log: RunLog, state: LoopState, run_dir: Path,
              forward_ctx_factory: Callable[[], AbstractContextManager[Any]],
              trainer_state: Callable[[LoopState], dict[str, Any]], hooks: Sequence[StepHook]) -> LoopState:
     """Train from ``state.step`` to ``cfg.train.steps`` (or ``train.stop_after``); returns the final
@@ -156,14 +156,14 @@ def run_loop(cfg: TrainConfig, *, model: nn.Module, strategy: Strategy, sampler:
         interval.add(step_loss / loop.grad_accum_steps, outcome, tokens=tokens_per_step)
         done = state.step == end
         _log_step(cfg, state, interval=interval, step_metrics=step_metrics, lr=lr, sampler=sampler, env=env,
-                  monitor=monitor, hooks=step_hooks, done=done)
+                  run_log=run_log, hooks=step_hooks, done=done)
         if (loop.eval_every and state.step % loop.eval_every == 0) or done:
             state.last_val_loss = validation_loss(model, val_batches, env, forward_ctx_factory())
-            monitor.log(state.step, {"val/loss": state.last_val_loss})
-        monitor.advance(state.last_train_loss)
+            run_log.log(state.step, {"val/loss": state.last_val_loss})
+        run_log.advance(state.last_train_loss)
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or done:
             path = save_checkpoint(run_dir, state.step, strategy=strategy, model=model, env=env,
                                    trainer_state=trainer_state(state), keep_last=cfg.checkpoint.keep_last,
                                    before_commit=lambda: step_hooks.before_commit(state.step))
-            monitor.print(f"checkpoint: {path}")
+            run_log.print(f"checkpoint: {path}")
     return state

@@ -25,7 +25,7 @@ from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distr
 from fp8train.trainer.faults import Faults
 from fp8train.trainer.fp8_stats_hook import Fp8StatsHook
 from fp8train.trainer.loop import LoopState, run_loop
-from fp8train.trainer.run_log import Monitor, check_wandb_login
+from fp8train.trainer.run_log import RunLog, check_wandb_login
 from fp8train.trainer.resume import abandon_tag, check_resume_config, set_aside_later_checkpoints
 from fp8train.trainer.strategy import build_strategy
 
@@ -60,7 +60,7 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path | None:
     return result
 
 
-def _set_aside_abandoned(run_dir: Path, step: int, env: DistEnv, monitor: Monitor) -> None:
+def _set_aside_abandoned(run_dir: Path, step: int, env: DistEnv, run_log: RunLog) -> None:
     """Rank 0 moves what lies beyond ``step`` (checkpoints, metrics records) aside, nothing deleted.
     Called once nothing can refuse the run any more: the CLI removes what a refused run created."""
     ok, lines = False, []
@@ -68,13 +68,13 @@ def _set_aside_abandoned(run_dir: Path, step: int, env: DistEnv, monitor: Monito
         tag = abandon_tag(step)
         if env.is_main and (moved := set_aside_later_checkpoints(run_dir, step, tag)) is not None:
             lines.append(f"checkpoints of steps after {step} (an abandoned trajectory) moved to {moved}")
-        if (aside := monitor.open_metrics(tag)) is not None:
+        if (aside := run_log.open_metrics(tag)) is not None:
             lines.append(f"metrics.jsonl records of steps after {step} moved to {aside}")
         ok = True
     finally:
         agree(ok, "setting aside checkpoints and metrics of later steps", env.device)
     for line in lines:
-        monitor.print(line)
+        run_log.print(line)
 
 
 def check_zero_world_size(strategy: str, *, n_tensors: int, world_size: int) -> None:
@@ -110,39 +110,39 @@ def train(cfg: TrainConfig) -> TrainResult:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
         agree(True, "run directory", env.device)
-        monitor_ok = False
+        run_log_ok = False
         try:  # rank 0 starts wandb; should that fail, every rank stops here rather than wait for it
-            monitor = Monitor(cfg.logging, run_dir=run_dir, run_name=cfg.name, config=plain, is_main=env.is_main,
+            run_log = RunLog(cfg.logging, run_dir=run_dir, run_name=cfg.name, config=plain, is_main=env.is_main,
                               start_step=state.step, total_steps=cfg.train.steps, wandb_id=wandb_id)
-            monitor_ok = True
+            run_log_ok = True
         finally:
-            agree(monitor_ok, "starting the monitor (wandb)", env.device)
+            agree(run_log_ok, "starting the run log (wandb)", env.device)
         try:
-            monitor.print(f"{cfg.name}: {cfg.model.arch} {count_parameters(model) / 1e6:.2f} M params | precision "
+            run_log.print(f"{cfg.name}: {cfg.model.arch} {count_parameters(model) / 1e6:.2f} M params | precision "
                           f"{cfg.precision.name} | {cfg.strategy} on {env.world_size} x {env.device.type} | data "
                           f"{data.source} ({len(data.train) / 1e6:.2f} M train tokens) | run_dir {run_dir}")
             if resume_from is not None:
-                monitor.print(f"resumed from {resume_from} at step {state.step}")
-            _set_aside_abandoned(run_dir, state.step, env, monitor)
+                run_log.print(f"resumed from {resume_from} at step {state.step}")
+            _set_aside_abandoned(run_dir, state.step, env, run_log)
             if state.step >= cfg.train.steps:
-                monitor.print(f"nothing to do: the run is at step {state.step} of train.steps={cfg.train.steps}")
+                run_log.print(f"nothing to do: the run is at step {state.step} of train.steps={cfg.train.steps}")
 
             def trainer_state(s: LoopState) -> dict[str, object]:
                 return {"data_position": sampler.position, "skipped_steps": s.skipped_steps,
                         "tokens_seen": s.tokens_seen, "world_size": env.world_size,
-                        "wandb_id": monitor.wandb_id, "config": plain}
+                        "wandb_id": run_log.wandb_id, "config": plain}
 
             # the loop's step hooks, in the order they run at each point
             hooks = [Faults(cfg.faults, env.rank, resumed=state.step > 0, model=model),
                      Fp8StatsHook(cfg.monitor.every, model, strategy)]
             state = run_loop(cfg, model=model, strategy=strategy, sampler=sampler, val_tokens=data.val, env=env,
-                             monitor=monitor, state=state, run_dir=run_dir, forward_ctx_factory=forward_ctx,
+                             run_log=run_log, state=state, run_dir=run_dir, forward_ctx_factory=forward_ctx,
                              trainer_state=trainer_state, hooks=hooks)
             if cfg.monitor.plots and env.is_main:
                 from fp8train.trainer.plots import write_run_plots  # matplotlib: only when plotting
 
-                monitor.print(f"plots: {', '.join(p.name for p in write_run_plots([run_dir]))} in {run_dir / 'plots'}")
+                run_log.print(f"plots: {', '.join(p.name for p in write_run_plots([run_dir]))} in {run_dir / 'plots'}")
         finally:
-            monitor.close()
+            run_log.close()
     return TrainResult(run_dir=run_dir, step=state.step, train_loss=state.last_train_loss,
                        val_loss=state.last_val_loss, skipped_steps=state.skipped_steps)

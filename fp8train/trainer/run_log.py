@@ -24,7 +24,7 @@ from fp8train._atomic import atomic_write_text
 from fp8train.errors import ConfigError
 from fp8train.trainer.config import LoggingConfig
 
-__all__ = ["METRICS_FILE", "Monitor", "check_wandb_login", "peak_memory_mib", "read_metrics",
+__all__ = ["METRICS_FILE", "RunLog", "check_wandb_login", "peak_memory_mib", "read_metrics",
            "set_aside_later_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,8 +107,8 @@ def set_aside_later_metrics(run_dir: Path, step: int, tag: str) -> Path | None:
     return aside
 
 
-class Monitor:
-    """Rank 0 reports; other ranks' Monitors do nothing. metrics.jsonl is opened by ``open_metrics``,
+class RunLog:
+    """Rank 0 reports; other ranks' RunLogs do nothing. metrics.jsonl is opened by ``open_metrics``,
     once nothing can refuse the run any more."""
 
     def __init__(self, cfg: LoggingConfig, *, run_dir: Path, run_name: str, config: dict[str, Any],
