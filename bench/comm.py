@@ -32,13 +32,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from fp8train.cast import cast_to_fp8
 from fp8train.comm import Fp8CommConfig, fp8_all_reduce_
+from fp8train.comm._codec import BucketCodec
 from fp8train.comm._collectives import Collectives
 from fp8train.comm._layout import FlatLayout, uniform_bounds
-from fp8train.comm._codec import BucketCodec
 from fp8train.comm.allreduce import _quantize_flat, _reduce_chunk, _sync_log2_scales
 from fp8train.comm.stats import CommStats
-from fp8train.cast import cast_to_fp8
 
 N_TENSORS = 8
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fp8train.trainer.run import train
 from fp8train.trainer.config import train_config_from_mapping
+from fp8train.trainer.run import train
 from fp8train.trainer.run_log import read_metrics
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-
 __all__ = ["KernelArgs", "kernel_cache_dir", "load_kernel"]
 
 _BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")

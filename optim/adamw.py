@@ -31,8 +31,15 @@ import torch
 
 from fp8train.optim._bucket import Bucket, coef_matrix, fused_eligible, weight_amax_needed
 from fp8train.optim._eager import SLOT_NAMES, STORED_KEYS
-from fp8train.optim._formats import (EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS, PARAM_DTYPES,
-                                     StateFormat, encode_, resolve_format)
+from fp8train.optim._formats import (
+    EXP_AVG_FORMATS,
+    EXP_AVG_SQ_FORMATS,
+    MASTER_FORMATS,
+    PARAM_DTYPES,
+    StateFormat,
+    encode_,
+    resolve_format,
+)
 from fp8train.optim._kernel import load_kernel
 from fp8train.optim.config import check_hyperparameters
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax

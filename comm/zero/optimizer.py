@@ -56,13 +56,10 @@ about one extra copy of the weights, for a moment. Splitting it would need owner
 (a whole-tensor bucket can be owned by a single rank, so slots padded to the max waste up to N x);
 not worth it at this project's model sizes. Gradients are bucketed by ``Fp8CommConfig.bucket_bytes``.
 
-Limitation (no clipping only): an inner optimizer that skips a step on its own (``Fp8AdamW`` does
-when a new m, v or weight is non-finite) decides locally; with finite gradients that needs
-|g| > ~1.8e19 (g**2 overflows fp32). With clipping the norm is then inf and every rank skips. Without
-it the step is partial (other owners did step) where DdpStrategy, which computes the norm of its
-replicated gradients locally on every step, skips; a norm collective on every step is not worth it
-for gradients of 1e19. The weights stay identical across ranks (they are all-gathered; an FP8 weight
-its owner did not update is re-encoded from its decoded value, which gives the same value back).
+Limitation (no clipping only): ``Fp8AdamW`` skips a step on its own when a new m, v or weight is
+non-finite, which finite gradients reach only at |g| > ~1.8e19 (g**2 overflows fp32). With clipping
+the norm is then inf and every rank skips; without it the step is partial (other owners stepped),
+where DdpStrategy skips (a per-step norm collective is not worth it); weights stay all-gathered.
 """
 
 from __future__ import annotations
@@ -77,14 +74,14 @@ import torch.distributed as dist
 
 from fp8train._validate import check_choice, check_type
 from fp8train.comm._agree import failed_ranks, run_collectively
-from fp8train.comm.zero._clip import clip_owned_grads_
 from fp8train.comm._layout import FlatLayout, plan_buckets
-from fp8train.comm.zero._named_state import load_named_state, named_state, optimizer_formats
-from fp8train.comm.zero._weights import WeightGather, inner_master_problem
 from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
-from fp8train.comm.zero.partition import Partition, partition_parameters
 from fp8train.comm.stats import CommStats
+from fp8train.comm.zero._clip import clip_owned_grads_
+from fp8train.comm.zero._named_state import load_named_state, named_state, optimizer_formats
+from fp8train.comm.zero._weights import WeightGather, inner_master_problem
+from fp8train.comm.zero.partition import Partition, partition_parameters
 
 __all__ = [
     "FP8_ADAMW_STATE_BYTES_PER_ELEMENT",

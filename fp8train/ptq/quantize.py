@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fp8train.trainer.bf16 import Bf16Linear
 from fp8train.config import Fp8Config
 from fp8train.convert import _output_head_fqn, convert_to_fp8, replace_submodules
 from fp8train.linear import Fp8Linear
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
+from fp8train.trainer.bf16 import Bf16Linear
 
 __all__ = [
     # quantization

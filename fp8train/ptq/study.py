@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from fp8train._atomic import atomic_write, atomic_write_text
 from fp8train.errors import ConfigError
-from fp8train.trainer.data import load_token_data, validation_windows
 from fp8train.linear import Fp8Linear
-from fp8train.trainer.precision import apply_precision
 from fp8train.ptq import evaluate_lm, quantize_for_inference, track_fp8_casts
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
 from fp8train.trainer.build import build_model
 from fp8train.trainer.checkpoint import checkpoint_step, latest_checkpoint
 from fp8train.trainer.config import TrainConfig, train_config_from_mapping
+from fp8train.trainer.data import load_token_data, validation_windows
+from fp8train.trainer.precision import apply_precision
 
 __all__ = ["ACCURACY_THRESHOLD", "TrainedRun", "UsageError", "format_report", "load_run", "main", "parse_biases",
            "passing_interval", "plot_accuracy_vs_bias", "ptq_study"]

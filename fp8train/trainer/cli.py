@@ -131,8 +131,8 @@ def _task(cfg: object) -> float | None:
     from omegaconf.errors import OmegaConfBaseException
 
     from fp8train.errors import ConfigError
-    from fp8train.trainer.run import train
     from fp8train.trainer.config import train_config_from_mapping
+    from fp8train.trainer.run import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     before = _tree(run_dir)

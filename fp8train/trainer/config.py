@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fp8train.errors import ConfigError
-from fp8train.trainer._typed import build_dataclass, to_plain
-from fp8train.trainer.data import DataConfig
 from fp8train.models.gpt import GPTConfig
 from fp8train.models.llama import LlamaConfig
 from fp8train.optim import check_hyperparameters, check_lr
-from fp8train.trainer.precision import PrecisionConfig
+from fp8train.trainer._typed import build_dataclass, to_plain
+from fp8train.trainer.data import DataConfig
 from fp8train.trainer.faults import FaultsConfig
+from fp8train.trainer.precision import PrecisionConfig
 
 __all__ = [
     "CheckpointConfig", "HfModelConfig", "LauncherConfig", "LoggingConfig", "LoopConfig", "ModelConfig", "MonitorConfig",

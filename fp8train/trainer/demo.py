@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from fp8train.config import Fp8Config
 from fp8train.convert import convert_to_fp8
-from fp8train.trainer.corpus import load_corpus_bytes
 from fp8train.models import GPT, GPTConfig
 from fp8train.optim import Fp8AdamW
+from fp8train.trainer.corpus import load_corpus_bytes
 
 
 def _batch(tokens: torch.Tensor, batch: int, block: int, gen: torch.Generator, device: torch.device):

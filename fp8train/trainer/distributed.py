@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fp8train.errors import ConfigError
 from fp8train.comm._agree import failed_ranks
+from fp8train.errors import ConfigError
 from fp8train.trainer.config import LauncherConfig
 
 __all__ = ["DistEnv", "agree", "broadcast_object", "distributed_session"]

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fp8train.trainer.data import WindowSampler, validation_windows
 from fp8train.trainer.checkpoint import save_checkpoint
 from fp8train.trainer.config import TrainConfig
+from fp8train.trainer.data import WindowSampler, validation_windows
 from fp8train.trainer.distributed import DistEnv
 from fp8train.trainer.fp8_stats import bias_histograms
 from fp8train.trainer.hooks import StepHook, StepHooks

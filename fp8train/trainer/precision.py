@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fp8train.errors import ConfigError
-from fp8train.trainer.bf16 import bf16_autocast, convert_to_bf16_emulated
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.config import Fp8Config
 from fp8train.convert import FP8_DIM_MULTIPLE, conversion_targets, convert_to_fp8
+from fp8train.errors import ConfigError
 from fp8train.linear import Fp8Linear
-from fp8train.te import convert_to_te, te_forward_context, te_recipe_kwargs
 from fp8train.optim import state_format_names
+from fp8train.te import convert_to_te, te_forward_context, te_recipe_kwargs
+from fp8train.trainer.bf16 import bf16_autocast, convert_to_bf16_emulated
 
 __all__ = ["OptimStateConfig", "PrecisionConfig", "apply_precision"]
 

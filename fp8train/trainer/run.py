@@ -16,17 +16,17 @@ import yaml
 
 from fp8train._atomic import atomic_write_text
 from fp8train.errors import ConfigError
-from fp8train.trainer.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
-from fp8train.trainer.precision import apply_precision
 from fp8train.trainer.build import build_model, count_parameters
 from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume, saved_config
 from fp8train.trainer.config import TrainConfig, train_config_to_mapping
+from fp8train.trainer.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
 from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
 from fp8train.trainer.faults import Faults
 from fp8train.trainer.fp8_stats_hook import Fp8StatsHook
 from fp8train.trainer.loop import LoopState, run_loop
-from fp8train.trainer.run_log import RunLog, check_wandb_login
+from fp8train.trainer.precision import apply_precision
 from fp8train.trainer.resume import abandon_tag, check_resume_config, set_aside_later_checkpoints
+from fp8train.trainer.run_log import RunLog, check_wandb_login
 from fp8train.trainer.strategy import build_strategy
 
 __all__ = ["TrainResult", "check_zero_world_size", "train"]

@@ -22,14 +22,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fp8train._atomic import atomic_torch_save
-from fp8train.comm import (CommStats, ZeroConfig, ZeroOptimizer, load_zero_checkpoint, register_fp8_comm_hook,
-                           save_zero_checkpoint)
+from fp8train.comm import (
+    CommStats,
+    ZeroConfig,
+    ZeroOptimizer,
+    load_zero_checkpoint,
+    register_fp8_comm_hook,
+    save_zero_checkpoint,
+)
 from fp8train.comm._agree import run_collectively
 from fp8train.optim import Fp8AdamW
-from fp8train.trainer.precision import fp8_weight_names
 from fp8train.trainer.build import build_optimizer
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
+from fp8train.trainer.precision import fp8_weight_names
 
 __all__ = ["DdpStrategy", "StepOutcome", "Strategy", "ZeroStrategy", "build_strategy"]
 
