@@ -1,11 +1,14 @@
 """``Fp8Linear``: an ``nn.Linear`` whose three GEMMs run on FP8 operands.
 
 Forward:   y  = x_e4m3 @ w_e4m3^T * (sx^-1 sw^-1) + b          (B..., in) -> (B..., out)
-           (fp32 accumulation; y rounded to x's dtype, then + b in that dtype)
+           (fp32 accumulation; y rounded to its output dtype, then + b in that dtype)
 Backward:  dx = dy_e5m2 @ w_e4m3 * (sdy^-1 sw^-1)               dgrad, (M, out) @ (out, in)
            dw = dy_e5m2^T @ x_e4m3 * (sdy^-1 sx^-1)             wgrad, (out, M) @ (M, in)
            db = sum(dy) in fp32
-Outputs and gradients are high precision: y and dx in the input's dtype, dw in the weight's dtype.
+Outputs and gradients are high precision: y in the input's dtype (under autocast: the autocast
+dtype, e.g. bf16, as ``nn.Linear`` would give), dx in the input's dtype, dw in the weight's dtype.
+Autocast never reaches inside: the amax, the casts and the emulated GEMM run as written (an fp32
+matmul under autocast would silently become a bf16 one and break the fp32 accumulation).
 The weight gradient therefore accumulates across micro-steps in high precision (autograd adds into
 ``weight.grad``) and is quantized once, at the step boundary, by the gradient communication.
 Saved for backward are the FP8 copies of x and w (1 byte per element instead of 2 or 4).
@@ -35,15 +38,15 @@ _SCALING_ROLES = ("input_scaling", "weight_scaling", "grad_output_scaling")
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                layer: Fp8Linear) -> torch.Tensor:
+                layer: Fp8Linear, out_dtype: torch.dtype) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])                                  # (M, in)
         x_fp8 = layer.input_scaling.quantize(x_2d)
         w_fp8 = layer.weight_scaling.quantize(weight)                      # (out, in)
-        # The GEMM writes the input's dtype directly (fp32 accumulation inside); the bias is added
+        # The GEMM writes the output dtype directly (fp32 accumulation inside); the bias is added
         # in that precision, as nn.Linear does under autocast.
-        y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend, out_dtype=x.dtype)  # (M, out)
+        y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend, out_dtype=out_dtype)  # (M, out)
         if bias is not None:
-            y_2d = y_2d + bias.to(x.dtype)
+            y_2d = y_2d + bias.to(out_dtype)
         ctx.save_for_backward(x_fp8.data, x_fp8.scale_inv, w_fp8.data, w_fp8.scale_inv)
         ctx.layer = layer
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -52,6 +55,12 @@ class _Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
+        # backward() may be called inside the forward's autocast region (the trainer does): keep it out
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            return _Fp8LinearFn._gradients(ctx, dy)
+
+    @staticmethod
+    def _gradients(ctx: Any, dy: torch.Tensor):
         x_data, x_scale_inv, w_data, w_scale_inv = ctx.saved_tensors
         layer: Fp8Linear = ctx.layer
         backend = layer.config.backend
@@ -67,7 +76,13 @@ class _Fp8LinearFn(torch.autograd.Function):
             dw = fp8_mm(dy_fp8.t(), x_fp8, backend=backend, out_dtype=ctx.w_dtype)  # (out, in)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy_2d.to(torch.float32).sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would return for ``x`` here: the autocast dtype where autocast is on."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 class Fp8Linear(nn.Linear):
@@ -112,7 +127,9 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, self)
+        out_dtype = _output_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _Fp8LinearFn.apply(x, self.weight, self.bias, self, out_dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A state_dict from a high-precision model has no scaling state for this layer at all:

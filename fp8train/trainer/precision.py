@@ -106,10 +106,12 @@ class PrecisionConfig:
 def apply_precision(model: nn.Module, cfg: PrecisionConfig,
                     device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     """Convert ``model``'s linear layers in place for ``cfg.gemm``; returns a factory of the context
-    each forward pass runs under (bf16 autocast on CUDA, TE's fp8_autocast with fp8_converter='te',
-    nothing elsewhere)."""
+    each forward pass runs under: bf16 autocast on CUDA for gemm 'bf16' and 'fp8' (the FP8 presets
+    are bf16 mixed precision plus FP8 GEMMs there, as in every peer: attention, norms, the head and
+    the activations run in bf16), TE's fp8_autocast with fp8_converter='te', nothing elsewhere. On
+    CPU the FP8 emulation keeps fp32 around its GEMMs (CPU bf16 kernels are slow and inexact)."""
     if cfg.gemm == "fp8":
-        return _apply_fp8(model, cfg)
+        return _apply_fp8(model, cfg, device)
     if cfg.gemm == "bf16":
         if device.type == "cuda":
             return lambda: bf16_autocast(device)
@@ -117,7 +119,8 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig,
     return nullcontext
 
 
-def _apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> Callable[[], AbstractContextManager[Any]]:
+def _apply_fp8(model: nn.Module, cfg: PrecisionConfig,
+               device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     """Convert with the converter ``cfg.fp8_converter`` picks; returns the forward context factory."""
     if cfg.fp8_converter == "te":
         if not conversion_targets(model):
@@ -129,6 +132,8 @@ def _apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> Callable[[], AbstractC
     convert_to_fp8(model, config=cfg.fp8)
     if not fp8_weight_names(model):
         _no_fp8_layer(model)
+    if device.type == "cuda":
+        return lambda: bf16_autocast(device)  # Fp8Linear returns the autocast dtype, bf16
     return nullcontext
 
 
