@@ -2,7 +2,9 @@
 
 An ``nn.Module`` so that its buffers (amax history, scale, event counters) travel with the model's
 ``state_dict``: delayed scaling is only resumable if its history is checkpointed. Every update is
-tensor arithmetic (no ``.item()``): counters are read when a monitor samples them.
+tensor arithmetic (no ``.item()``): counters are read when a monitor samples them. Buffers are
+updated in place (``add_``/``copy_``, never rebound), so torch.compile traces a whole converted
+model, these updates included (in the backward too), with no graph break.
 
 Overflow must never vanish. The cast clamps +-inf to +-fmax (fp8train/cast.py), so an inf in a GEMM
 operand would otherwise leave the GEMM's output finite, and the step would be taken with gradients
@@ -76,10 +78,10 @@ class ScalingState(nn.Module):
 
     def _count(self, x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor) -> None:
         stats = quantization_stats(x_hp, scale, x_fp8, self.fmt)
-        self.stat_numel += stats.numel
-        self.stat_nonzero += (x_hp != 0).sum()
-        self.stat_saturated += stats.saturated
-        self.stat_underflowed += stats.underflowed
+        self.stat_numel.add_(stats.numel)
+        self.stat_nonzero.add_((x_hp != 0).sum())
+        self.stat_saturated.add_(stats.saturated)
+        self.stat_underflowed.add_(stats.underflowed)
 
     def extra_repr(self) -> str:
         return f"fmt={self.fmt.name}, recipe={self.recipe}, history={self.amax_history.numel()}"
@@ -95,9 +97,9 @@ class ScalingState(nn.Module):
 
     def _record(self, amax: torch.Tensor) -> None:
         finite = torch.isfinite(amax)
-        self.n_casts += 1
-        self.n_amax_zero += (amax == 0).to(torch.int64)
-        self.n_amax_nonfinite += (~finite).to(torch.int64)
+        self.n_casts.add_(1)
+        self.n_amax_zero.add_((amax == 0).to(torch.int64))
+        self.n_amax_nonfinite.add_((~finite).to(torch.int64))
         recorded = torch.where(finite, amax, torch.zeros_like(amax))
         self.amax_history.copy_(torch.cat([recorded.reshape(1), self.amax_history[:-1]]))
 

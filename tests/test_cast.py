@@ -200,3 +200,16 @@ def test_fast_path_accepts_power_of_two_scales_in_its_range_only(fmt: Fp8Format)
         assert fast_cast_supports(x, torch.tensor(scale), fmt) is None, scale
     assert fast_cast_supports(x.half(), torch.tensor(1.0), fmt) is None  # fp16 takes the reference
     assert fast_cast_supports(x.bfloat16(), torch.tensor(1.0), fmt) == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_inside_torch_compile_the_cast_gives_way_to_inductor_bit_for_bit(fmt: Fp8Format) -> None:
+    """Traced by torch.compile, cast_to_fp8 takes the reference semantics (the fast kernel, a
+    compiled function of its own with host-side scale checks, cannot be traced) and inductor
+    generates the loop: the same codes as eager on inputs around the FP8 range at every scale."""
+    compiled = torch.compile(cast_to_fp8, fullgraph=True, dynamic=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        for log2_scale in _fast_path_scales(fmt):
+            scale = torch.tensor(2.0**log2_scale)
+            x = _scaled_inputs(log2_scale, dtype)
+            _assert_same_codes(compiled(x, scale, fmt), cast_to_fp8_reference(x, scale, fmt), (fmt.name, dtype, log2_scale))
