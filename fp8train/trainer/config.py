@@ -171,7 +171,8 @@ class LoopConfig:
     micro-steps per optimizer step (gradients accumulate in high precision and are quantized once);
     eval_every: validation every k steps (0: only at the end); eval_batches: micro-batches per rank
     per validation; stop_after: end this invocation after this step (saving a checkpoint), with the
-    schedule still planned for ``steps``: a later run with resume=auto continues (time-limited jobs).
+    schedule still planned for ``steps``: a later run with resume=auto continues (time-limited jobs);
+    compile: torch.compile each transformer block (fullgraph; fp8train/trainer/compile.py).
     Tokens per step = micro_batch_size x block_size x grad_accum_steps x world size."""
 
     steps: int = 200
@@ -180,6 +181,7 @@ class LoopConfig:
     eval_every: int = 50
     eval_batches: int = 8
     stop_after: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 1), ("micro_batch_size", 1), ("grad_accum_steps", 1), ("eval_every", 0),
@@ -232,6 +234,11 @@ class TrainConfig:
         if self.precision.fp8_weights and strategy == "ddp":
             raise ValueError(f"precision={self.precision.name} (fp8_weights) needs parallel zero1 or zero2 (got "
                              "ddp): FP8 weights are gathered by ZeRO owners; allowed parallel: auto, zero1, zero2")
+        if self.train.compile and self.faults.nonfinite_step is not None and self.faults.nonfinite_where != "loss":
+            # the fault is a hook on a layer inside a block; compiled code does not see hooks added later
+            raise ValueError(f"faults.nonfinite_where={self.faults.nonfinite_where!r} poisons a gradient inside a "
+                             "transformer block, which train.compile=true compiles without it; allowed with "
+                             "train.compile=true: faults.nonfinite_where=loss")
         if strategy in ("zero1", "zero2") and self.precision.grad_comm != "fp8":
             raise ValueError(f"parallel={strategy} synchronises gradients in FP8 and needs precision.grad_comm='fp8' "
                              f"(precision={self.precision.name} has {self.precision.grad_comm!r}); allowed "

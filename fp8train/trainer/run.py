@@ -18,6 +18,7 @@ from fp8train._atomic import atomic_write_text
 from fp8train.errors import ConfigError
 from fp8train.trainer.build import build_model, count_parameters
 from fp8train.trainer.checkpoint import load_checkpoint, resolve_resume, saved_config
+from fp8train.trainer.compile import compile_blocks
 from fp8train.trainer.config import TrainConfig, train_config_to_mapping
 from fp8train.trainer.data import WindowSampler, check_micro_batch, load_token_data, prepare_token_file
 from fp8train.trainer.distributed import DistEnv, agree, broadcast_object, distributed_session
@@ -96,6 +97,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                           world_size=env.world_size)
         model = build_model(cfg.model, seed=cfg.seed, device=env.device)
         forward_ctx = apply_precision(model, cfg.precision, env.device)  # a context factory
+        n_compiled = compile_blocks(model) if cfg.train.compile else 0
         check_zero_world_size(cfg.strategy, n_tensors=sum(p.requires_grad for p in model.parameters()),
                               world_size=env.world_size)
         strategy = build_strategy(model, cfg, env)
@@ -120,7 +122,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         try:
             run_log.print(f"{cfg.name}: {cfg.model.arch} {count_parameters(model) / 1e6:.2f} M params | precision "
                           f"{cfg.precision.name} | {cfg.strategy} on {env.world_size} x {env.device.type} | data "
-                          f"{data.source} ({len(data.train) / 1e6:.2f} M train tokens) | run_dir {run_dir}")
+                          f"{data.source} ({len(data.train) / 1e6:.2f} M train tokens) | run_dir {run_dir}"
+                          + (f" | {n_compiled} blocks compiled" if n_compiled else ""))
             if resume_from is not None:
                 run_log.print(f"resumed from {resume_from} at step {state.step}")
             _set_aside_abandoned(run_dir, state.step, env, run_log)
