@@ -36,19 +36,19 @@ _SCALING_ROLES = ("input_scaling", "weight_scaling", "grad_output_scaling")
 
 
 class _Fp8LinearFn(torch.autograd.Function):
+    """The three GEMMs. x and w arrive already cast (their scaling state is updated by the module's
+    forward, outside this function); dy is cast here, in the backward, by ``grad_output_scaling``."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                layer: Fp8Linear, out_dtype: torch.dtype) -> torch.Tensor:
-        x_2d = x.reshape(-1, x.shape[-1])                                  # (M, in)
-        x_fp8 = layer.input_scaling.quantize(x_2d)
-        w_fp8 = layer.weight_scaling.quantize(weight)                      # (out, in)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_fp8: Fp8Tensor,
+                w_fp8: Fp8Tensor, layer: Fp8Linear, out_dtype: torch.dtype, dy_has_history: bool) -> torch.Tensor:
         # The GEMM writes the output dtype directly (fp32 accumulation inside); the bias is added
         # in that precision, as nn.Linear does under autocast.
         y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend, out_dtype=out_dtype)  # (M, out)
         if bias is not None:
             y_2d = y_2d + bias.to(out_dtype)
         ctx.save_for_backward(x_fp8.data, x_fp8.scale_inv, w_fp8.data, w_fp8.scale_inv)
-        ctx.layer = layer
+        ctx.layer, ctx.dy_has_history = layer, dy_has_history
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y_2d.reshape(*x.shape[:-1], y_2d.shape[-1])
@@ -67,7 +67,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         x_fp8 = Fp8Tensor(data=x_data, scale_inv=x_scale_inv, orig_dtype=ctx.x_dtype)
         w_fp8 = Fp8Tensor(data=w_data, scale_inv=w_scale_inv, orig_dtype=ctx.w_dtype)
         dy_2d = dy.reshape(-1, dy.shape[-1])                               # (M, out)
-        dy_fp8 = layer.grad_output_scaling.quantize(dy_2d)
+        dy_fp8 = layer.grad_output_scaling.quantize(dy_2d, has_history=ctx.dy_has_history)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx_2d = fp8_mm(dy_fp8, w_fp8, backend=backend, out_dtype=ctx.x_dtype)    # (M, in)
@@ -76,7 +76,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dw = fp8_mm(dy_fp8.t(), x_fp8, backend=backend, out_dtype=ctx.w_dtype)  # (out, in)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy_2d.to(torch.float32).sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -102,6 +102,7 @@ class Fp8Linear(nn.Linear):
         self.input_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.weight_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.grad_output_scaling = ScalingState(self.config.grad_output_fp8, self.config, device=state_device)
+        self._built_graph = False  # a forward with grad enabled happened (grad_output_scaling.has_history)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Fp8Config) -> Fp8Linear:
@@ -129,7 +130,23 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = _output_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _Fp8LinearFn.apply(x, self.weight, self.bias, self, out_dtype)
+            x_fp8 = self.input_scaling.quantize(x.reshape(-1, x.shape[-1]))   # (M, in)
+            w_fp8 = self.weight_scaling.quantize(self.weight)                  # (out, in)
+            return _Fp8LinearFn.apply(x, self.weight, self.bias, x_fp8, w_fp8, self, out_dtype,
+                                      self._dy_has_history())
+
+    def _dy_has_history(self) -> bool:
+        """Whether the backward of this forward casts its output gradient with the delayed recipe's
+        stored scale alone (one pass; ScalingState.quantize). That cast happens in the backward,
+        where a Python flag cannot change under torch.compile, so the forward decides: from the
+        second forward that builds a graph on, a backward has (normally) cast an output gradient
+        already. Should none have (a graph dropped without backward), that first cast uses the
+        stored initial bias instead of its own amax. Flags that flip once: each costs one recompile."""
+        if self.config.recipe != "delayed" or not torch.is_grad_enabled():
+            return False
+        has_history = self._built_graph or self.grad_output_scaling.has_history
+        self._built_graph = True
+        return has_history
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A state_dict from a high-precision model has no scaling state for this layer at all:

@@ -69,6 +69,8 @@ class ScalingState(nn.Module):
         self.register_buffer("n_amax_zero", torch.zeros((), **i64))
         self.register_buffer("n_amax_nonfinite", torch.zeros((), **i64))
         self.sample_stats = False
+        # Python mirror of n_casts > 0 for the delayed recipe (see ``quantize``); follows load_state_dict
+        self.has_history = False
         for name in _STAT_BUFFERS:
             self.register_buffer(name, torch.zeros((), **i64), persistent=False)
 
@@ -103,30 +105,50 @@ class ScalingState(nn.Module):
         recorded = torch.where(finite, amax, torch.zeros_like(amax))
         self.amax_history.copy_(torch.cat([recorded.reshape(1), self.amax_history[:-1]]))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.n_casts.device.type != "meta":  # one host read, at load time
+            self.has_history = bool(self.n_casts > 0)
+
     @torch.no_grad()
-    def quantize(self, x_hp: torch.Tensor) -> Fp8Tensor:
+    def quantize(self, x_hp: torch.Tensor, *, has_history: bool | None = None) -> Fp8Tensor:
         """Cast ``x_hp`` with this role's scale and update the state (see the recipes in Fp8Config).
-        A non-finite amax gives a NaN ``scale_inv`` (module docstring): the overflow reaches the GEMM."""
+        A non-finite amax gives a NaN ``scale_inv`` (module docstring): the overflow reaches the GEMM.
+
+        Delayed recipe, one pass: once ``self.has_history`` is set (by the first cast, or by loading
+        a state with casts), the cast uses the stored scale alone, so it does not wait for this
+        tensor's amax, and a compiler fuses amax and cast into one read of ``x_hp`` (inductor does).
+        Before that (the very first cast, which has no history) the scale comes from this tensor's
+        own amax: a second pass. ``has_history`` (a bool) overrides the flag for this cast and leaves
+        it unchanged: Fp8Linear casts output gradients inside a compiled backward, where a Python
+        attribute cannot change, and decides from its forward instead."""
         # the constant recipe needs no amax for its scale, only to see inf/nan (one aminmax pass)
         amax = tensor_to_amax(x_hp)
-        if self.recipe == "constant":
-            log2_scale = self.log2_scale
-            self._record(amax)
+        delayed_one_pass = self.recipe == "delayed" and (self.has_history if has_history is None else has_history)
+        if self.recipe == "constant" or delayed_one_pass:
+            log2_scale = self.log2_scale.clone()  # the value before the update below
         else:
-            current = amax_to_log2_scale(amax, self.fmt, margin=self.margin, prev_log2_scale=self.log2_scale)
-            if self.recipe == "current":
-                log2_scale = current
-            else:  # delayed: the scale derived from history; the very first cast uses its own amax
-                log2_scale = torch.where(self.n_casts > 0, self.log2_scale, current)
-            self._record(amax)
-            if self.recipe == "current":
-                self.log2_scale.copy_(current)
-            else:
-                self.log2_scale.copy_(amax_to_log2_scale(self._history_amax(), self.fmt, margin=self.margin,
-                                                         prev_log2_scale=log2_scale))
-        scale = torch.exp2(log2_scale)
+            log2_scale = amax_to_log2_scale(amax, self.fmt, margin=self.margin, prev_log2_scale=self.log2_scale)
+            if self.recipe == "delayed":  # no history yet: the very first cast uses its own amax
+                log2_scale = torch.where(self.n_casts > 0, self.log2_scale, log2_scale)
+        # Order matters under torch.compile (the values do not):
+        #  - the scales and the cast come before any buffer write: inductor then fuses a one-pass
+        #    cast with its amax reduction into one loop over x_hp (its C++ backend, measured; written
+        #    after the writes, it makes two passes);
+        #  - nothing reads log2_scale (a clone of a buffer) after that buffer's write: in a compiled
+        #    backward (AOTAutograd, buffer written in the backward) such a read saw the new value,
+        #    which halved an output gradient's dequantization.
+        scale, scale_inv = torch.exp2(log2_scale), torch.exp2(-log2_scale)
         x_fp8 = cast_to_fp8(x_hp, scale, self.fmt, fast=self.fast_cast)
+        scale_inv = torch.where(torch.isfinite(amax), scale_inv, torch.full_like(scale_inv, math.nan))
         if self.sample_stats:
             self._count(x_hp, scale, x_fp8)
-        scale_inv = torch.where(torch.isfinite(amax), torch.exp2(-log2_scale), torch.full_like(log2_scale, math.nan))
+        self._record(amax)
+        if self.recipe == "current":
+            self.log2_scale.copy_(log2_scale)
+        elif self.recipe == "delayed":
+            self.log2_scale.copy_(amax_to_log2_scale(self._history_amax(), self.fmt, margin=self.margin,
+                                                     prev_log2_scale=log2_scale))
+            if has_history is None:
+                self.has_history = True
         return Fp8Tensor(data=x_fp8, scale_inv=scale_inv, orig_dtype=x_hp.dtype)

@@ -17,7 +17,8 @@ import torch
 
 from fp8train.optim._formats import StateFormat, decode, encode_
 
-__all__ = ["COEF_NAMES", "SLOT_NAMES", "STORED_KEYS", "eager_amax", "eager_store", "eager_update"]
+__all__ = ["COEF_NAMES", "SLOT_NAMES", "STORED_KEYS", "eager_amax", "eager_store", "eager_update",
+           "eager_update_and_amax"]
 
 # columns of the per-tensor coefficient matrix; the C kernel's enum has the same order
 COEF_NAMES = ("one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size", "bc2_sqrt_inv", "eps", "grad_mul")
@@ -77,6 +78,14 @@ def eager_amax(new: _Lists) -> torch.Tensor:
     """(n, 3) fp32 amax of the new m, v, w; NaN/inf stay visible (``_foreach_norm`` propagates them)."""
     cols = [torch.stack(torch._foreach_norm(xs, ord=float("inf"))) for xs in new]  # no empty tensors here
     return torch.stack(cols, dim=1).to(torch.float32)
+
+
+def eager_update_and_amax(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
+                          weights: list[torch.Tensor], coef: torch.Tensor,
+                          scale_inv: torch.Tensor) -> tuple[_Lists, torch.Tensor]:
+    """Pass 1 of a bucket: ``eager_update`` and ``eager_amax`` of its result (one traced graph when compiled)."""
+    new = eager_update(grads, exp_avg, exp_avg_sq, weights, coef, scale_inv)
+    return new, eager_amax(new)
 
 
 def eager_store(new: _Lists, params: list[torch.Tensor], exp_avg: list[torch.Tensor],

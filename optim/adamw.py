@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fp8train.optim._bucket import Bucket, coef_matrix, fused_eligible, weight_amax_needed
+from fp8train.optim._bucket import Bucket, coef_matrix, compiled_default, fused_eligible, weight_amax_needed
 from fp8train.optim._eager import SLOT_NAMES, STORED_KEYS
 from fp8train.optim._formats import (
     EXP_AVG_FORMATS,
@@ -66,6 +66,9 @@ class Fp8AdamW(torch.optim.Optimizer):
     fused:            None (default): CPU tensors go through the fused C kernel when it can be built
                       here, everything else through torch._foreach ops (identical results);
                       True: require the kernel; False: never use it.
+    compiled:         the foreach path as two torch.compile'd graphs per bucket (one launch-light
+                      step instead of ~20 foreach launches per op): None (default) on accelerators
+                      (CUDA), not on CPU; True / False: always / never. Bit-identical on CPU.
 
     Overflow: a step whose gradients make any new m, v or weight non-finite is skipped as a whole
     (every group, every parameter: states, scales, step counts and parameters stay bit-identical),
@@ -79,13 +82,16 @@ class Fp8AdamW(torch.optim.Optimizer):
                  exp_avg_dtype: torch.dtype | str = torch.float8_e4m3fn,
                  exp_avg_sq_dtype: torch.dtype | str = torch.float16,
                  master_dtype: torch.dtype | str | None = torch.float16,
-                 maximize: bool = False, amsgrad: bool = False, fused: bool | None = None) -> None:
+                 maximize: bool = False, amsgrad: bool = False, fused: bool | None = None,
+                 compiled: bool | None = None) -> None:
         check_hyperparameters(_OWNER, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         if amsgrad is not False:
             raise ValueError(f"{_OWNER}.amsgrad={amsgrad!r} is not supported; allowed values: False "
                              "(a max of v would need a fourth state tensor with its own scale)")
         if fused not in (None, True, False):
             raise ValueError(f"{_OWNER}.fused={fused!r} is not allowed; allowed values: None, True, False")
+        if compiled not in (None, True, False):
+            raise ValueError(f"{_OWNER}.compiled={compiled!r} is not allowed; allowed values: None, True, False")
         self._formats: tuple[StateFormat, StateFormat, StateFormat | None] = (
             resolve_format(_OWNER, "exp_avg_dtype", exp_avg_dtype, EXP_AVG_FORMATS),
             resolve_format(_OWNER, "exp_avg_sq_dtype", exp_avg_sq_dtype, EXP_AVG_SQ_FORMATS),
@@ -95,6 +101,7 @@ class Fp8AdamW(torch.optim.Optimizer):
             raise RuntimeError(f"{_OWNER}(fused=True): the fused CPU kernel cannot be built here "
                                "(no working C compiler); use fused=None or False")
         self._fused = fused  # None: decided per bucket at the first step (builds the kernel if needed)
+        self._compiled = compiled  # None: decided per bucket by its device
         self._skipped_steps = 0
         self.last_step_skipped = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
@@ -160,8 +167,10 @@ class Fp8AdamW(torch.optim.Optimizer):
         for (_, _, _, fused), params in members.items():
             states = [self.state[p] for p in params]
             steps = torch.stack([s["step"] for s in states]) + 1
+            compiled = compiled_default(params[0].device) if self._compiled is None else self._compiled
             buckets.append(Bucket(params=params, grads=[p.grad for p in params], states=states,
                                   formats=self._formats, coef=coef_matrix(steps, group), fused=fused,
+                                  compiled=compiled,
                                   w_amax_needed=weight_amax_needed(self._formats[2], group)))
         return buckets
 

@@ -87,6 +87,7 @@ class Fp8AdamWConfig:
     maximize:         ascend instead of descend (the gradient's sign is flipped, exactly).
     fused:            True: the fused C kernel for CPU tensors (error if it cannot be built);
                       False: the foreach path everywhere; None: the kernel where possible.
+    compiled:         the foreach path compiled (torch.compile): None = on accelerators only.
     """
 
     lr: float = 1e-3
@@ -99,6 +100,7 @@ class Fp8AdamWConfig:
     master_dtype: str | None = "fp16"
     maximize: bool = False
     fused: bool | None = None
+    compiled: bool | None = None
 
     def __post_init__(self) -> None:
         owner = "Fp8AdamWConfig"
@@ -108,8 +110,9 @@ class Fp8AdamWConfig:
                                    master_dtype=self.master_dtype)
         for field, name in names.items():
             object.__setattr__(self, field, name)  # frozen: a dtype becomes its name once, at construction
-        if self.fused is not None:
-            check_type(owner, "fused", self.fused, bool)
+        for field in ("fused", "compiled"):
+            if getattr(self, field) is not None:
+                check_type(owner, field, getattr(self, field), bool)
 
     def build(self, params: Any):
         """The optimizer for ``params`` (an iterable of tensors or of param-group dicts)."""
@@ -118,4 +121,4 @@ class Fp8AdamWConfig:
         return Fp8AdamW(params, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
                         weight_decay=self.weight_decay, exp_avg_dtype=self.exp_avg_dtype,
                         exp_avg_sq_dtype=self.exp_avg_sq_dtype, master_dtype=self.master_dtype,
-                        maximize=self.maximize, fused=self.fused)
+                        maximize=self.maximize, fused=self.fused, compiled=self.compiled)

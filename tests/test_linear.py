@@ -100,6 +100,29 @@ def test_scaling_states_advance_once_per_gemm_operand() -> None:
     assert layer.grad_output_scaling.fmt is E5M2
 
 
+def test_delayed_output_gradient_casts_use_their_own_amax_first_then_the_history() -> None:
+    """The output-gradient cast runs in the backward, so the forward decides whether it has a history
+    (Fp8Linear._dy_has_history): not in the first graph, yes from the second on; a forward without
+    grad (validation) changes nothing."""
+    layer = _layer("delayed", amax_history_len=4)
+    dys = [torch.full((8, 96), v) for v in (1e-6, 1.0, 1.0)]
+    with torch.no_grad():
+        layer(torch.randn(8, 64))
+    saturated, underflowed = [], []
+    go = layer.grad_output_scaling
+    go.sample_stats = True
+    for dy in dys:
+        go.reset_stats()
+        _run(layer, torch.randn(8, 64), dy)
+        saturated.append(go.stat_saturated.item())
+        underflowed.append(go.stat_underflowed.item())
+    # step 1: no history -> the bias from its own amax 1e-6 (35): nothing underflows, as it would
+    # with the initial bias 0; step 2: the stored bias 35 although this dy's amax is 1.0: all 768
+    # saturate (a delayed scale lags by design); step 3: the history max 1.0 gives 15 again
+    assert underflowed == [0, 0, 0] and saturated == [0, 8 * 96, 0]
+    assert go.n_casts.item() == 3 and go.log2_scale.item() == 15.0
+
+
 def test_overflowing_input_is_reported_not_hidden() -> None:
     layer = _layer("current")
     x = torch.randn(4, 64)

@@ -33,7 +33,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 # ---- fused kernel == foreach path --------------------------------------------------------------
 
-def _run(fused: bool, exp_avg_dtype: str, exp_avg_sq_dtype: str, master_dtype: str | None) -> list[torch.Tensor]:
+def _run(fused: bool, exp_avg_dtype: str, exp_avg_sq_dtype: str, master_dtype: str | None, *,
+         compiled: bool = False) -> list[torch.Tensor]:
     """Four steps on tensors chosen to reach every code path: three parameter dtypes (three
     buckets), one tensor over the kernel's 64 Ki-element chunk, an empty one, tiny magnitudes (deep
     scales), gradients spanning 10 decades (subnormal e4m3 codes), weight decay and maximize."""
@@ -43,7 +44,7 @@ def _run(fused: bool, exp_avg_dtype: str, exp_avg_sq_dtype: str, master_dtype: s
     params = [nn.Parameter((torch.randn(n) * s).to(dtype)) for n, s, dtype in specs]
     opt = Fp8AdamW([{"params": params[:4]}, {"params": params[4:], "maximize": True, "lr": 3e-3}],
                    lr=1e-2, weight_decay=0.1, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
-                   master_dtype=master_dtype, fused=fused)
+                   master_dtype=master_dtype, fused=fused, compiled=compiled)
     gen = torch.Generator().manual_seed(2)
     for _ in range(4):
         for p in params:
@@ -64,6 +65,28 @@ def test_fused_kernel_is_bit_identical_to_the_foreach_path(exp_avg_dtype, exp_av
     fused = _run(True, exp_avg_dtype, exp_avg_sq_dtype, master_dtype)
     for a, b in zip(eager, fused):
         assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("exp_avg_dtype,exp_avg_sq_dtype,master_dtype",
+                         [("e4m3", "fp16", "fp16"), ("e4m3", "bf16", None), ("bf16", "fp32", "fp32")])
+def test_the_compiled_foreach_path_is_bit_identical_to_the_eager_one(exp_avg_dtype, exp_avg_sq_dtype,
+                                                                     master_dtype) -> None:
+    """The path CUDA takes by default (``compiled=None``), here through inductor's C++ backend: the
+    same fp32 operations in the same order, so the same bits (the GPU run checks Triton's)."""
+    torch._dynamo.reset()  # a fresh cache: every bucket compiles here, none falls back to eager
+    eager = _run(False, exp_avg_dtype, exp_avg_sq_dtype, master_dtype)
+    compiled = _run(False, exp_avg_dtype, exp_avg_sq_dtype, master_dtype, compiled=True)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def test_the_foreach_path_compiles_on_accelerators_only_by_default() -> None:
+    from fp8train.optim._bucket import compiled_default
+
+    assert not compiled_default(torch.device("cpu"))
+    assert compiled_default(torch.device("cuda", 0)) and compiled_default(torch.device("meta"))
+    with pytest.raises(ValueError, match="compiled='yes' is not allowed; allowed values: None, True, False"):
+        Fp8AdamW([nn.Parameter(torch.zeros(2))], compiled="yes")
 
 
 @needs_kernel

@@ -142,3 +142,52 @@ def test_scaling_state_round_trips_through_state_dict() -> None:
     assert torch.equal(a.quantize(x).data.view(torch.uint8), b.quantize(x).data.view(torch.uint8))
     for name, buf in a.named_buffers():
         assert torch.equal(buf, getattr(b, name)), name
+
+
+def test_delayed_recipe_knows_it_has_a_history_from_its_first_cast_or_a_loaded_state() -> None:
+    state = _state("delayed", amax_history_len=3)
+    assert not state.has_history
+    override = state.quantize(torch.tensor([10.0]), has_history=False)  # an override leaves the flag alone
+    assert not state.has_history and override.log2_scale.item() == 5.0  # the first cast: its own amax
+    state.quantize(torch.tensor([1.0]))
+    assert state.has_history
+    fresh = _state("delayed", amax_history_len=3)
+    fresh.load_state_dict(state.state_dict())
+    assert fresh.has_history
+    assert not _state("delayed").has_history and not _state("current").has_history
+
+
+def test_the_one_pass_delayed_cast_equals_the_two_pass_one_once_there_is_history() -> None:
+    """With a history, ``where(n_casts > 0, stored, own amax)`` and the stored scale alone agree:
+    the one-pass form only drops work the second pass did for nothing."""
+    a, b = _state("delayed", amax_history_len=4), _state("delayed", amax_history_len=4)
+    for step, amax in enumerate([3.0, 70.0, 0.01, 5.0]):
+        x = torch.randn(256) * amax
+        qa, qb = a.quantize(x), b.quantize(x, has_history=False if step == 0 else True)
+        assert torch.equal(qa.data.view(torch.uint8), qb.data.view(torch.uint8)) and torch.equal(qa.scale_inv, qb.scale_inv)
+    for name, buf in a.named_buffers():
+        assert torch.equal(buf, getattr(b, name)), name
+
+
+def test_compiled_one_pass_delayed_cast_reads_its_input_once() -> None:
+    """The generated code (inductor's C++ backend here) has a single loop over the input for amax
+    and cast together, once the cast no longer waits for its own amax; the current recipe needs two."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(4096, 256)
+    loop = re.compile(rf"x0<static_cast<int64_t>\({x.numel()}L\)")
+    loops = {}
+    for recipe in ("delayed", "current"):
+        state = _state(recipe)
+        state.quantize(x)  # the first cast: a history from now on
+
+        def cast(t: torch.Tensor, state: ScalingState = state) -> tuple[torch.Tensor, torch.Tensor]:
+            q = state.quantize(t)
+            return q.data, q.scale_inv
+
+        torch._dynamo.reset()
+        _, code = run_and_get_code(torch.compile(cast, fullgraph=True), x)
+        loops[recipe] = len(loop.findall(code[0]))
+    assert loops == {"delayed": 1, "current": 2}
