@@ -1,7 +1,8 @@
 """Cast throughput: amax + scale + quantize to E4M3, against a plain copy of the same tensor.
 
     python bench/cast.py                 # 16M and 64M fp32 elements on CPU (target: >= 0.5x memcpy)
-    python bench/cast.py --device cuda   # same on a GPU
+    python bench/cast.py --device cuda   # same on a GPU (target: >= 0.8x memcpy)
+    python bench/cast.py --dry-run       # every row, tiny, on CPU
 
 Every row processes the same fp32 tensor; "x memcpy" is memcpy's time over the row's time (higher is
 faster). GB/s counts the bytes each row must move at least (reads + writes).
@@ -18,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
 
-from fp8train import E4M3, amax_to_scale, quantize, tensor_to_amax  # noqa: E402
+from fp8train import E4M3, Fp8Config, amax_to_scale, quantize, tensor_to_amax  # noqa: E402
 from fp8train.cast import cast_to_fp8, cast_to_fp8_reference  # noqa: E402
+from fp8train.scaling_state import ScalingState  # noqa: E402
 
 
 def _naive_chain(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +29,18 @@ def _naive_chain(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax()
     scale = amax_to_scale(amax, E4M3)
     return (x * scale).clamp(-E4M3.max, E4M3.max).to(E4M3.dtype)
+
+
+def _compiled_quantize(recipe: str, x: torch.Tensor):
+    """A layer's cast as torch.compile sees it: ScalingState.quantize (amax, scale, cast, state
+    update) in one graph. ``delayed`` after its first cast: the cast needs no fresh amax (one pass)."""
+    state = ScalingState(E4M3, Fp8Config(recipe=recipe), device=x.device)
+    state.quantize(x)  # the first cast (delayed: its own amax); from now on, a history
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return state.quantize(t).data
+
+    return torch.compile(cast, fullgraph=True)
 
 
 def rows_for(numel: int, device: torch.device) -> list[tuple[str, float, int]]:
@@ -45,6 +59,8 @@ def rows_for(numel: int, device: torch.device) -> list[tuple[str, float, int]]:
         ("  same, eager cast", median_seconds(lambda: quantize(x, E4M3, fast=False, out=out), device=device), 2 * r + w),
         ("naive eager chain", median_seconds(lambda: _naive_chain(x), device=device), 2 * r + w),
         ("eager reference cast only", median_seconds(lambda: cast_to_fp8_reference(x, scale, E4M3), device=device), r + w),
+        ("compiled current (2 passes)", median_seconds(lambda f=_compiled_quantize("current", x): f(x), device=device), 2 * r + w),
+        ("compiled delayed (1 pass)", median_seconds(lambda f=_compiled_quantize("delayed", x): f(x), device=device), r + w),
     ]
 
 
@@ -52,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes-m", type=int, nargs="+", default=[16, 64], help="sizes in Mi elements")
+    parser.add_argument("--dry-run", action="store_true", help="1 Mi elements on CPU: checks every row")
     args = parser.parse_args()
+    if args.dry_run:
+        args.device, args.sizes_m = "cpu", [1]
     device = torch.device(args.device)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'elements':>9} | {'variant':<32} | {'ms':>8} | {'GB/s':>6} | {'x memcpy':>8}")

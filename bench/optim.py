@@ -1,30 +1,40 @@
-"""Optimizer benchmark: Fp8AdamW against torch.optim.AdamW on a ~50M-parameter GPT, on this CPU.
+"""Optimizer benchmark: Fp8AdamW against torch.optim.AdamW on a ~50M-parameter GPT.
 
-    python bench/optim.py                 # ~1 minute; prints one table
+    python bench/optim.py                 # CPU, ~2 minutes; prints one table
     python bench/optim.py --rounds 5      # quicker, noisier
+    python bench/optim.py --device cuda   # GPU: the compiled foreach step (Fp8AdamW's default there)
+    python bench/optim.py --dry-run       # every row, a tiny model, CPU
 
 Measured per optimizer, in one process, on identical models and gradients:
   bytes / param  weights + master + optimizer state (moments, scales, step counts), from the tensors'
                  nbytes; gradients are not counted (every optimizer needs the same ones).
   step ms        median wall time of ``step()`` after two warm-up steps. The optimizers take turns
                  round by round, so background load on the machine falls on all of them alike.
-Ratios are against torch.optim.AdamW(fused=True) with fp32 weights, the strongest CPU baseline.
+Ratios are against torch.optim.AdamW(fused=True) with fp32 weights, the strongest baseline on CPU
+and on CUDA. Fp8AdamW paths: the fused C kernel (CPU default), the foreach ops eager, and the foreach
+ops compiled (two torch.compile'd graphs per bucket; the default on CUDA; bit-identical to eager).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from fp8train.models.gpt import GPT, GPTConfig
-from fp8train.optim import Fp8AdamW
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import sync  # noqa: E402
+
+from fp8train.models.gpt import GPT, GPTConfig  # noqa: E402
+from fp8train.optim import Fp8AdamW  # noqa: E402
 
 MODEL = GPTConfig(vocab_size=256, block_size=1024, n_layer=7, n_head=12, n_embd=768)  # 50.6M parameters
+DRY_RUN_MODEL = GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=64)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -42,6 +52,9 @@ CASES = [
     # defaults: e4m3 m, fp16 v, scaled fp16 master
     Case(name="Fp8AdamW defaults", weights=torch.float32, make=lambda ps: Fp8AdamW(ps)),
     Case(name="Fp8AdamW defaults", weights=torch.bfloat16, make=lambda ps: Fp8AdamW(ps)),
+    Case(name="Fp8AdamW foreach eager", weights=torch.float32, make=lambda ps: Fp8AdamW(ps, fused=False, compiled=False)),
+    Case(name="Fp8AdamW foreach compiled", weights=torch.float32,
+         make=lambda ps: Fp8AdamW(ps, fused=False, compiled=True)),
     # fp32 master: a separate copy beside bf16 weights, or the fp32 weights themselves
     Case(name="Fp8AdamW fp32 master", weights=torch.bfloat16,
          make=lambda ps: Fp8AdamW(ps, master_dtype=torch.float32)),
@@ -51,12 +64,12 @@ CASES = [
 ]
 
 
-def _params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+def _params(model: GPTConfig, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
-    params = list(GPT(MODEL).to(dtype).parameters())
+    params = list(GPT(model).to(device=device, dtype=dtype).parameters())
     gen = torch.Generator().manual_seed(1)
     for p in params:  # gradients of a plausible size; the same values for every optimizer
-        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dtype)
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
     return params
 
 
@@ -69,25 +82,34 @@ def _bytes_per_param(params: list[torch.nn.Parameter], opt: torch.optim.Optimize
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dry-run", action="store_true", help="a 1-layer model, 2 rounds, CPU: checks every row")
     args = parser.parse_args()
+    if args.dry_run:
+        args.device, args.rounds = "cpu", 2
+    device = torch.device(args.device)
+    model = DRY_RUN_MODEL if args.dry_run else MODEL
 
     runs = []
     for case in CASES:
-        params = _params(case.weights)
+        params = _params(model, case.weights, device)
         opt = case.make(params)
-        for _ in range(2):  # warm-up: state allocation, kernel build/load
+        for _ in range(2):  # warm-up: state allocation, kernel build/load, compilation
             opt.step()
         runs.append((case, params, opt, []))
     for _ in range(args.rounds):
         for _, _, opt, times in runs:
+            sync(device)
             start = time.perf_counter()
             opt.step()
+            sync(device)
             times.append(time.perf_counter() - start)
 
     n_params = sum(p.numel() for p in runs[0][1])
     base_bytes = _bytes_per_param(runs[0][1], runs[0][2])
     base_ms = statistics.median(runs[0][3]) * 1e3
-    print(f"Optimizer step, GPT {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} CPU threads, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"Optimizer step, GPT {n_params / 1e6:.1f}M parameters, {where}, "
           f"median of {args.rounds} steps; baseline = torch AdamW fused=True, fp32 weights")
     header = f"| {'optimizer':<29} | {'weights':<8} | {'bytes/param':>11} | {'vs base':>7} | {'step ms':>8} | {'vs base':>7} |"
     print(header)

@@ -97,6 +97,76 @@ def test_fp8_adamw_on_cuda_follows_the_cpu_optimizer() -> None:
     assert opt_gpu.skipped_steps == 0
 
 
+def test_fp8_adamw_compiled_on_cuda_is_bit_identical_to_its_eager_foreach_step() -> None:
+    """The CUDA default (compiled foreach, Triton) against eager foreach on the same GPU: the same
+    fp32 operations in the same order, FMA contraction or not (tested bit-exact on CPU)."""
+    from fp8train.optim import Fp8AdamW
+
+    shapes = [(64, 48), (300,), (16, 16, 3), (4096, 1024)]
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
+        opt = Fp8AdamW(params, lr=1e-2, compiled=compiled)
+        gen = torch.Generator(device=CUDA).manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, device=CUDA, generator=gen) * 1e-3
+            opt.step()
+        runs.append([p.detach().clone() for p in params] + [v for p in params for v in opt.state[p].values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_the_inductor_triton_cast_is_bit_identical_to_the_cpu_cast(fmt) -> None:
+    """Inside torch.compile the cast is inductor's (Triton on CUDA): the same codes as the CPU
+    reference, edge cases included (ties, subnormals, saturation, inf, NaN)."""
+    from fp8train.cast import cast_to_fp8
+
+    x = torch.exp2(torch.empty(1 << 22).uniform_(-40, 20)) * torch.where(torch.rand(1 << 22) < 0.5, -1.0, 1.0)
+    x[:4096] = torch.arange(4096, dtype=torch.float32) * fmt.min_subnormal / 2  # ties to even
+    x[4096:4100] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
+    compiled = torch.compile(cast_to_fp8, fullgraph=True, dynamic=False)
+    for log2_scale in (-8, 0, 5):
+        scale = torch.tensor(2.0**log2_scale)
+        cpu = cast_to_fp8_reference(x, scale, fmt).view(torch.uint8)
+        gpu = compiled(x.to(CUDA), scale.to(CUDA), fmt).view(torch.uint8).cpu()
+        nan = x.isnan()
+        assert torch.equal(cpu[~nan], gpu[~nan]), log2_scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not supports_scaled_mm(torch.device("cuda")),
+                    reason="needs CUDA compute capability >= 8.9")
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_a_compiled_fp8_llama_on_cuda_trains_like_eager(recipe: str) -> None:
+    """fullgraph compile of a converted Llama on the tensor-core path under bf16 autocast (the
+    trainer's FP8 presets on CUDA): the same scaling biases as eager, close losses."""
+    from fp8train import convert_to_fp8
+    from fp8train.models import Llama, LlamaConfig
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, block_size=256, n_layer=2, n_head=8, n_kv_head=4, n_embd=512)
+        return convert_to_fp8(Llama(cfg), config=Fp8Config(recipe=recipe)).to(CUDA)
+
+    eager, compiled = model(), model()
+    forward = torch.compile(compiled, fullgraph=True)
+    tokens = torch.randint(0, 256, (4, 257), device=CUDA)
+    for _ in range(3):
+        losses = []
+        for m, f in ((eager, eager), (compiled, forward)):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = f(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 2e-2 * losses[0], losses  # bf16 rounding, fused differently
+        biases = [{k: v for k, v in m.state_dict().items() if k.endswith("log2_scale")} for m in (eager, compiled)]
+        assert biases[0].keys() == biases[1].keys()
+        differing = [k for k in biases[0] if not torch.equal(biases[0][k], biases[1][k])]
+        assert len(differing) <= len(biases[0]) // 20, differing  # a bf16 amax near a power of two may flip
+
+
 def _has_te() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401, PLC0415

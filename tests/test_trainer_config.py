@@ -34,7 +34,7 @@ def _compose(overrides: list[str]) -> TrainConfig:
 
 
 def test_every_group_has_the_options_the_docs_name():
-    assert set(group_options("model")) == {"gpt_tiny", "gpt_small", "llama_tiny", "llama_small", "hf"}
+    assert set(group_options("model")) == {"gpt_tiny", "gpt_small", "llama_tiny", "llama_small", "llama_1b", "hf"}
     assert set(group_options("precision")) == {"fp32", "bf16", "fp8_o1", "fp8_o2", "fp8_o3"}
     assert set(group_options("parallel")) == {"auto", "ddp", "zero1", "zero2"}
     assert set(group_options("logging")) == {"wandb_offline", "wandb_disabled", "wandb_online"}
