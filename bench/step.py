@@ -25,11 +25,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
-
-import yaml  # noqa: E402
 
 from fp8train.trainer.build import build_model, count_parameters  # noqa: E402
 from fp8train.trainer.compile import compile_blocks, transformer_blocks  # noqa: E402
@@ -90,7 +89,6 @@ def _row(model_name: str, precision: str, mode: str, args: argparse.Namespace) -
         seconds = median_seconds(step, device=env.device, warmup=args.warmup, repeat=args.repeat)
         peak = torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda" else None
         n_params = count_parameters(model)
-        del strategy, model
     gc.collect()
     torch._dynamo.reset()  # the next row compiles its own graphs
     return dict(model=model_name, params=n_params, precision=precision, mode=mode, seconds=seconds,

@@ -61,9 +61,11 @@ def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
 
 def _scaled_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     n = b.shape[1]
+    # row-major a and column-major b (= row-major b^T): no copy where the operand already has that
+    # layout, e.g. a transposed copy written by the cast (Fp8Tensor.data_t)
     a_data = _pad_to(a.data, 1, _SCALED_MM_ALIGN).contiguous()              # (M, K') row-major
-    b_data = _pad_to(_pad_to(b.data, 0, _SCALED_MM_ALIGN), 1, _SCALED_MM_ALIGN)
-    b_data = b_data.t().contiguous().t()                                     # (K', N') column-major
+    b_t_data = _pad_to(_pad_to(b.t().data, 1, _SCALED_MM_ALIGN), 0, _SCALED_MM_ALIGN)
+    b_data = b_t_data.contiguous().t()                                       # (K', N') column-major
     out = torch._scaled_mm(a_data, b_data, scale_a=a.scale_inv, scale_b=b.scale_inv, out_dtype=out_dtype)
     return out[:, :n]
 

@@ -47,7 +47,11 @@ class _Fp8LinearFn(torch.autograd.Function):
         y_2d = fp8_mm(x_fp8, w_fp8.t(), backend=layer.config.backend, out_dtype=out_dtype)  # (M, out)
         if bias is not None:
             y_2d = y_2d + bias.to(out_dtype)
-        ctx.save_for_backward(x_fp8.data, x_fp8.scale_inv, w_fp8.data, w_fp8.scale_inv)
+        # The backward reads x and w only as wgrad's b and dgrad's b, i.e. through x^T and w^T: with
+        # transposed copies (scaled_mm) those are saved instead of the row-major codes (same bytes).
+        x_saved, w_saved = (x_fp8.data, w_fp8.data) if x_fp8.data_t is None else (x_fp8.data_t, w_fp8.data_t)
+        ctx.save_for_backward(x_saved, x_fp8.scale_inv, w_saved, w_fp8.scale_inv)
+        ctx.saved_transposed = x_fp8.data_t is not None
         ctx.layer, ctx.dy_has_history = layer, dy_has_history
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -66,8 +70,11 @@ class _Fp8LinearFn(torch.autograd.Function):
         backend = layer.config.backend
         x_fp8 = Fp8Tensor(data=x_data, scale_inv=x_scale_inv, orig_dtype=ctx.x_dtype)
         w_fp8 = Fp8Tensor(data=w_data, scale_inv=w_scale_inv, orig_dtype=ctx.w_dtype)
+        if ctx.saved_transposed:  # saved as x^T, w^T (contiguous): back to (M, in), (out, in) views
+            x_fp8, w_fp8 = x_fp8.t(), w_fp8.t()
         dy_2d = dy.reshape(-1, dy.shape[-1])                               # (M, out)
-        dy_fp8 = layer.grad_output_scaling.quantize(dy_2d, has_history=ctx.dy_has_history)
+        dy_fp8 = layer.grad_output_scaling.quantize(dy_2d, has_history=ctx.dy_has_history,
+                                                     transposed=ctx.saved_transposed)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx_2d = fp8_mm(dy_fp8, w_fp8, backend=backend, out_dtype=ctx.x_dtype)    # (M, in)
@@ -129,11 +136,18 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = _output_dtype(x)
+        transposed = self._wants_transposes(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_fp8 = self.input_scaling.quantize(x.reshape(-1, x.shape[-1]))   # (M, in)
-            w_fp8 = self.weight_scaling.quantize(self.weight)                  # (out, in)
+            x_fp8 = self.input_scaling.quantize(x.reshape(-1, x.shape[-1]), transposed=transposed)   # (M, in)
+            w_fp8 = self.weight_scaling.quantize(self.weight, transposed=transposed)                  # (out, in)
             return _Fp8LinearFn.apply(x, self.weight, self.bias, x_fp8, w_fp8, self, out_dtype,
                                       self._dy_has_history())
+
+    def _wants_transposes(self, device: torch.device) -> bool:
+        """Whether the casts also write transposed codes: for ``torch._scaled_mm`` (explicitly, or
+        ``auto`` on CUDA), whose column-major b would otherwise be a copy after the cast in dgrad
+        and wgrad. The emulated fp32 GEMM reads any layout."""
+        return self.config.backend == "scaled_mm" or (self.config.backend == "auto" and device.type == "cuda")
 
     def _dy_has_history(self) -> bool:
         """Whether the backward of this forward casts its output gradient with the delayed recipe's

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from fp8train.cast import cast_to_fp8, quantization_stats
+from fp8train.cast import cast_to_fp8, cast_to_fp8_fused, cast_to_fp8_with_transpose, quantization_stats
 from fp8train.config import Fp8Config
 from fp8train.formats import Fp8Format, as_fp8_format
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
@@ -111,7 +111,7 @@ class ScalingState(nn.Module):
             self.has_history = bool(self.n_casts > 0)
 
     @torch.no_grad()
-    def quantize(self, x_hp: torch.Tensor, *, has_history: bool | None = None) -> Fp8Tensor:
+    def quantize(self, x_hp: torch.Tensor, *, has_history: bool | None = None, transposed: bool = False) -> Fp8Tensor:
         """Cast ``x_hp`` with this role's scale and update the state (see the recipes in Fp8Config).
         A non-finite amax gives a NaN ``scale_inv`` (module docstring): the overflow reaches the GEMM.
 
@@ -121,13 +121,17 @@ class ScalingState(nn.Module):
         Before that (the very first cast, which has no history) the scale comes from this tensor's
         own amax: a second pass. ``has_history`` (a bool) overrides the flag for this cast and leaves
         it unchanged: Fp8Linear casts output gradients inside a compiled backward, where a Python
-        attribute cannot change, and decides from its forward instead."""
-        # the constant recipe needs no amax for its scale, only to see inf/nan (one aminmax pass)
-        amax = tensor_to_amax(x_hp)
+        attribute cannot change, and decides from its forward instead.
+        ``transposed``: also write the codes transposed (``Fp8Tensor.data_t``; 2-D ``x_hp``)."""
+        # The scale before the data: the constant recipe and the delayed one with a history need no
+        # amax for it (only to see inf/nan, and for the history), so amax and cast are one pass
+        # (cast_to_fp8_fused: one Triton kernel on CUDA). The others need this tensor's amax first.
         delayed_one_pass = self.recipe == "delayed" and (self.has_history if has_history is None else has_history)
-        if self.recipe == "constant" or delayed_one_pass:
+        one_pass = self.recipe == "constant" or delayed_one_pass
+        if one_pass:
             log2_scale = self.log2_scale.clone()  # the value before the update below
         else:
+            amax = tensor_to_amax(x_hp)
             log2_scale = amax_to_log2_scale(amax, self.fmt, margin=self.margin, prev_log2_scale=self.log2_scale)
             if self.recipe == "delayed":  # no history yet: the very first cast uses its own amax
                 log2_scale = torch.where(self.n_casts > 0, self.log2_scale, log2_scale)
@@ -139,7 +143,12 @@ class ScalingState(nn.Module):
         #    backward (AOTAutograd, buffer written in the backward) such a read saw the new value,
         #    which halved an output gradient's dequantization.
         scale, scale_inv = torch.exp2(log2_scale), torch.exp2(-log2_scale)
-        x_fp8 = cast_to_fp8(x_hp, scale, self.fmt, fast=self.fast_cast)
+        if one_pass:
+            x_fp8, x_fp8_t, amax = cast_to_fp8_fused(x_hp, scale, self.fmt, fast=self.fast_cast, transposed=transposed)
+        elif transposed:
+            x_fp8, x_fp8_t = cast_to_fp8_with_transpose(x_hp, scale, self.fmt, fast=self.fast_cast)
+        else:
+            x_fp8, x_fp8_t = cast_to_fp8(x_hp, scale, self.fmt, fast=self.fast_cast), None
         scale_inv = torch.where(torch.isfinite(amax), scale_inv, torch.full_like(scale_inv, math.nan))
         if self.sample_stats:
             self._count(x_hp, scale, x_fp8)
@@ -151,4 +160,4 @@ class ScalingState(nn.Module):
                                                      prev_log2_scale=log2_scale))
             if has_history is None:
                 self.has_history = True
-        return Fp8Tensor(data=x_fp8, scale_inv=scale_inv, orig_dtype=x_hp.dtype)
+        return Fp8Tensor(data=x_fp8, scale_inv=scale_inv, orig_dtype=x_hp.dtype, data_t=x_fp8_t)

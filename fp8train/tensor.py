@@ -24,12 +24,16 @@ class Fp8Tensor:
     scale_inv:  0-d fp32 tensor, ``1 / scale`` (a power of two): ``x ~= data * scale_inv``.
     orig_dtype: the high-precision dtype the values came from and ``dequantize`` returns.
     stats:      element counts of the cast, when asked for (``quantize(..., with_stats=True)``).
+    data_t:     2-D only, optional: the same codes transposed and contiguous, written by the cast
+                (``ScalingState.quantize(..., transposed=True)``), so that a GEMM wanting the other
+                layout (``torch._scaled_mm``: row-major a, column-major b) needs no copy after the cast.
     """
 
     data: torch.Tensor
     scale_inv: torch.Tensor
     orig_dtype: torch.dtype
     stats: Fp8CastStats | None = None
+    data_t: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.data.dtype not in {f.dtype for f in FP8_FORMATS.values()}:
@@ -55,8 +59,11 @@ class Fp8Tensor:
         return x_fp32.to(dtype or self.orig_dtype)
 
     def t(self) -> Fp8Tensor:
-        """Transposed view of a 2-D tensor, same scale."""
-        return Fp8Tensor(data=self.data.t(), scale_inv=self.scale_inv, orig_dtype=self.orig_dtype)
+        """Transposed 2-D tensor, same scale: a view, or the stored transposed copy when there is
+        one (the two layouts swap, so ``x.t().t()`` has ``x``'s)."""
+        if self.data_t is None:
+            return Fp8Tensor(data=self.data.t(), scale_inv=self.scale_inv, orig_dtype=self.orig_dtype)
+        return Fp8Tensor(data=self.data_t, scale_inv=self.scale_inv, orig_dtype=self.orig_dtype, data_t=self.data)
 
 
 def quantize(

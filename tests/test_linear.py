@@ -123,6 +123,30 @@ def test_delayed_output_gradient_casts_use_their_own_amax_first_then_the_history
     assert go.n_casts.item() == 3 and go.log2_scale.item() == 15.0
 
 
+class _NoTransposes(Fp8Linear):
+    def _wants_transposes(self, device: torch.device) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_scaled_mm_reads_transposed_codes_written_by_the_cast_with_the_same_results(recipe: str) -> None:
+    """For torch._scaled_mm the casts also write x^T, w^T and dy^T (Fp8Tensor.data_t), so dgrad and
+    wgrad get their column-major operands without a copy; the backward keeps only the transposed
+    codes of x and w. Same bytes into the same GEMMs: bit-identical outputs and gradients."""
+    with_t = _layer(recipe, backend="scaled_mm")
+    without = _NoTransposes(64, 96, config=with_t.config)
+    without.load_state_dict(with_t.state_dict())
+    x, dy = torch.randn(2, 24, 64), torch.randn(2, 24, 96)
+    for _ in range(2):
+        got, expected = _run(with_t, x, dy), _run(without, x, dy)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+        with_t.zero_grad(), without.zero_grad()
+    q = with_t.input_scaling.quantize(x.reshape(-1, 64), transposed=True)
+    assert q.data_t.is_contiguous() and torch.equal(q.data_t.view(torch.uint8), q.data.t().view(torch.uint8))
+    assert q.t().data is q.data_t and q.t().t().data is q.data  # the two layouts swap
+
+
 def test_overflowing_input_is_reported_not_hidden() -> None:
     layer = _layer("current")
     x = torch.randn(4, 64)
