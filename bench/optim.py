@@ -84,14 +84,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per optimizer (median reported)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dry-run", action="store_true", help="a 1-layer model, 2 rounds, CPU: checks every row")
+    parser.add_argument("--cases", default=None, help="row numbers to run, e.g. 0,2,4 (default: all; 0 is the baseline)")
     args = parser.parse_args()
+    cases = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
     if args.dry_run:
         args.device, args.rounds = "cpu", 2
     device = torch.device(args.device)
     model = DRY_RUN_MODEL if args.dry_run else MODEL
 
     runs = []
-    for case in CASES:
+    for case in cases:
         params = _params(model, case.weights, device)
         opt = case.make(params)
         for _ in range(2):  # warm-up: state allocation, kernel build/load, compilation
