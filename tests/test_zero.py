@@ -229,5 +229,7 @@ def test_stage2_with_several_gradient_buckets_matches_and_stops_at_the_inf_bucke
         assert amax_syncs[:inf_step] + amax_syncs[inf_step + 1:] == [n_buckets] * 5
         # the inf lies in one bucket: every rank stops after that bucket's amax sync, the same one
         assert 1 <= amax_syncs[inf_step] <= n_buckets and res["skipped"] == 1
-        assert [c["all_gather"] for c in res["calls_per_step"]] == [1, 1, 0, 1, 1, 1]
+        # the weights go in buckets of the same bucket_bytes (per rank): several all-gathers a step
+        gathers = [c["all_gather"] for c in res["calls_per_step"]]
+        assert gathers[0] > 1 and gathers == [gathers[0]] * inf_step + [0] + [gathers[0]] * 3
     assert len({res["calls_per_step"][inf_step]["all_reduce"] for res in results}) == 1

@@ -1,8 +1,8 @@
 """fp8train.comm.zero: whole-tensor ZeRO-1/2 on the FP8 wire of ``fp8train.comm``.
 
 Every parameter, with its optimizer state, lives on exactly one owner rank (``partition``); owners
-step an ordinary inner optimizer (``optimizer``), and their new weights travel in one all-gather,
-FP8 for the named compute weights (``_weights``). ``checkpoint`` saves the state by parameter name,
+step an ordinary inner optimizer (``optimizer``), and their new weights travel in all-gathers of
+bounded buckets, FP8 for the named compute weights (``_weights``). ``checkpoint`` saves the state by parameter name,
 so a run resumes on any world size.
 """
 

@@ -1,13 +1,25 @@
-"""The weight all-gather of whole-tensor ZeRO (docs/design.md): after the owners' optimizer step, ONE
-all-gather of equally sized uint8 slots gives every rank every parameter's new value.
+"""The weight all-gather of whole-tensor ZeRO (docs/design.md): after the owners' optimizer step,
+all-gathers of equally sized uint8 slots, one per bucket, give every rank every parameter's new value.
 
-Slot layout, planned once (``plan_weight_slots``): rank r's slot holds the parameters it owns in
-(owner, index) order, each starting at a multiple of 16 bytes (so that any dtype can be viewed
-there), padded to the largest rank's slot. One parameter takes
+Slot layout, planned once (``plan_weight_buckets``): rank r's parameters, in (owner, index) order,
+are cut into consecutive runs of at most ``bucket_bytes`` each (``Fp8CommConfig.bucket_bytes``, the
+knob the gradient buckets use; a parameter larger than that is a run of its own); bucket b holds
+every rank's b-th run (nothing, for a rank with fewer runs), and its slot size is its largest run,
+so that bucket's all-gather moves N x (slot size) bytes. Each parameter starts at a multiple of 16
+bytes in its slot (so that any dtype can be viewed there). One parameter takes
   - lossless:  numel * element_size bytes, its own dtype's bytes (a uint8 view: bit for bit);
   - FP8:       4 bytes of fp32 scale_inv, then numel bytes of E4M3 codes (``fp8_weight_names``).
 Only the owner writes a parameter's bytes; receivers of lossless parameters copy them, and EVERY rank,
 the owner included, sets an FP8 parameter to its decoded value, so all ranks hold the same bits.
+Buckets change where bytes lie, never which bytes: the result is the same as one whole-model bucket.
+Memory: one bucket's temporaries (its slot and the N x slot gather buffer) have their storage
+released (resized to 0 bytes, whoever still references them) before the next is packed, so the
+gather costs about N x max(bucket_bytes, largest parameter) extra bytes for a moment, never a copy
+of the model, and nothing once ``all_gather_`` returns.
+Bytes sent: (N - 1) x slot size per bucket, as ``CommStats`` counts an all-gather. Each slot is
+padded to its bucket's largest run: little when bucket_bytes is well above the parameters' sizes
+(every rank's runs then fill to near the cap), more when single parameters of unequal sizes share
+buckets (+46% at 4 KiB on a 2-layer width-64 GPT; nothing with one bucket).
 
 FP8 encoding on the owner (``encode_fp8_weights_``), the project's scaling pipeline: amax of the new
 weight (``tensor_to_amax``) -> power-of-two scale (``amax_to_log2_scale``, margin 0: the amax maps
@@ -27,7 +39,8 @@ bf16 unless the amax is below ~2**-116; see comm/zero/optimizer.py for fp16 para
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -38,7 +51,16 @@ from fp8train.formats import E4M3
 from fp8train.optim import Fp8AdamW
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 
-__all__ = ["WeightGather", "encode_fp8_weights_", "inner_master_problem", "plan_weight_slots", "slot_nbytes"]
+__all__ = [
+    "AllGather",
+    "WeightBuckets",
+    "WeightGather",
+    "encode_fp8_weights_",
+    "inner_master_problem",
+    "plan_weight_buckets",
+    "plan_weight_slots",
+    "slot_nbytes",
+]
 
 # every parameter starts at a multiple of this many bytes in a weight slot, so that the uint8 buffer
 # can be viewed as any dtype at that offset
@@ -52,17 +74,50 @@ def slot_nbytes(p: torch.Tensor, fp8: bool) -> int:
     return SCALE_INV_BYTES + p.numel() if fp8 else p.numel() * p.element_size()
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class WeightBuckets:
+    """The gather plan. bucket_of[i] / offsets[i]: parameter i's bucket and its byte offset in its
+    owner's slot there; slot_bytes[b]: bucket b's slot size (its largest rank's bytes);
+    members[b]: bucket b's parameters, in the planning order."""
+
+    bucket_of: tuple[int, ...]
+    offsets: tuple[int, ...]
+    slot_bytes: tuple[int, ...]
+    members: tuple[tuple[int, ...], ...]
+
+
+def plan_weight_buckets(nbytes: Sequence[int], owner: Sequence[int], order: Sequence[int], world_size: int,
+                        bucket_bytes: int | None) -> WeightBuckets:
+    """Parameters placed in ``order`` (every index once; the same on every rank), each rank's cut
+    into consecutive runs of at most ``bucket_bytes`` aligned bytes (a larger parameter: a run of
+    its own; None: no cap, one bucket); bucket b = every rank's b-th run. Pure: no communication."""
+    bucket_of, offsets = [0] * len(nbytes), [0] * len(nbytes)
+    run, used = [0] * world_size, [0] * world_size
+    for i in order:
+        r, size = owner[i], _aligned(nbytes[i])
+        if bucket_bytes is not None and used[r] > 0 and used[r] + size > bucket_bytes:
+            run[r], used[r] = run[r] + 1, 0
+        bucket_of[i], offsets[i] = run[r], used[r]
+        used[r] += size
+    slot_bytes = [0] * (max(bucket_of[i] for i in order) + 1 if order else 0)
+    members: list[list[int]] = [[] for _ in slot_bytes]
+    for i in order:
+        slot_bytes[bucket_of[i]] = max(slot_bytes[bucket_of[i]], offsets[i] + _aligned(nbytes[i]))
+        members[bucket_of[i]].append(i)
+    return WeightBuckets(bucket_of=tuple(bucket_of), offsets=tuple(offsets), slot_bytes=tuple(slot_bytes),
+                         members=tuple(tuple(m) for m in members))
+
+
 def plan_weight_slots(nbytes: Sequence[int], owner: Sequence[int], order: Sequence[int],
                       world_size: int) -> tuple[list[int], int]:
-    """Byte offset of each parameter inside its owner's slot (parameters placed in ``order``), and
-    the slot size: the largest rank's bytes, each parameter aligned to SLOT_ALIGN_BYTES."""
-    offsets = [0] * len(nbytes)
-    used = [0] * world_size
-    for i in order:
-        r = owner[i]
-        offsets[i] = used[r]
-        used[r] += -(-nbytes[i] // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
-    return offsets, max(used)
+    """The single-bucket plan: each parameter's byte offset inside its owner's slot, and the slot
+    size (the largest rank's bytes)."""
+    plan = plan_weight_buckets(nbytes, owner, order, world_size, bucket_bytes=None)
+    return list(plan.offsets), plan.slot_bytes[0] if plan.slot_bytes else 0
 
 
 def inner_master_problem(optimizer: torch.optim.Optimizer) -> str | None:
@@ -101,65 +156,91 @@ def encode_fp8_weights_(weights: Sequence[torch.Tensor], log2_scales: Sequence[t
     torch._foreach_copy_(list(scale_inv_out), list(torch.exp2(-log2).unbind(0)))
 
 
+# the collective of one bucket: all_gather(output, input, group), output = N x input bytes, rank r's
+# input at [r * len(input), (r + 1) * len(input)). Injectable so that a test can count and measure calls.
+AllGather = Callable[[torch.Tensor, torch.Tensor, "dist.ProcessGroup | None"], object]
+
+
+def _all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
 class WeightGather:
     """The weight all-gather of one ``ZeroOptimizer`` (see the module docstring).
 
     params / owner: every parameter and its owner rank; order: the slot order, (owner, index);
-    fp8[i]: parameter i travels as E4M3. ``log2_scales``: {index: 0-d fp32 scaling bias} of the FP8
-    parameters this rank owns, the scale kept when the amax is 0, inf or nan."""
+    fp8[i]: parameter i travels as E4M3; bucket_bytes: the cap on each rank's slot in a bucket
+    (None: one bucket); all_gather: the collective (tests inject a counting one). ``log2_scales``:
+    {index: 0-d fp32 scaling bias} of the FP8 parameters this rank owns, the scale kept when the
+    amax is 0, inf or nan. ``plan``: the ``WeightBuckets`` (not checkpointed: rebuilt from the
+    parameters, which is why a checkpoint loads under any bucket_bytes)."""
 
     def __init__(self, params: Sequence[torch.Tensor], owner: Sequence[int], order: Sequence[int],
-                 fp8: Sequence[bool], *, rank: int, world_size: int, group: dist.ProcessGroup | None) -> None:
+                 fp8: Sequence[bool], *, rank: int, world_size: int, group: dist.ProcessGroup | None,
+                 bucket_bytes: int | None, all_gather: AllGather = _all_gather_into_tensor) -> None:
         self.params, self.owner, self.fp8 = list(params), list(owner), list(fp8)
         self.rank, self.world_size, self.group = rank, world_size, group
+        self._all_gather = all_gather
         nbytes = [slot_nbytes(p, f) for p, f in zip(self.params, self.fp8)]
-        self.offsets, self.slot_bytes = plan_weight_slots(nbytes, self.owner, order, world_size)
-        self._owned = [i for i in order if self.owner[i] == rank]
-        self._fp8_all = [i for i in range(len(self.params)) if self.fp8[i]]
+        self.plan = plan_weight_buckets(nbytes, self.owner, order, world_size, bucket_bytes)
         device = self.params[0].device
         self.log2_scales = {i: torch.zeros((), dtype=torch.float32, device=device)
-                            for i in self._owned if self.fp8[i]}
+                            for i in order if self.owner[i] == rank and self.fp8[i]}
 
     def _raw(self, slot: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
-        start = self.offsets[i]
+        start = self.plan.offsets[i]
         return slot[start:start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
 
     def _scale_inv(self, slot: torch.Tensor, i: int) -> torch.Tensor:
-        start = self.offsets[i]  # 16-aligned: viewable as fp32
+        start = self.plan.offsets[i]  # 16-aligned: viewable as fp32
         return slot[start:start + SCALE_INV_BYTES].view(torch.float32).view(())
 
     def _codes(self, slot: torch.Tensor, i: int) -> torch.Tensor:
-        start = self.offsets[i] + SCALE_INV_BYTES
+        start = self.plan.offsets[i] + SCALE_INV_BYTES
         return slot[start:start + self.params[i].numel()]
 
     @torch.no_grad()
     def all_gather_(self) -> int:
-        """Pack this rank's parameters, all-gather, unpack everyone's; returns the bytes this rank
-        sent, counted as ``CommStats`` counts an all-gather: the chunks of the other N - 1 ranks."""
-        if self.slot_bytes == 0:
+        """Every bucket in turn; returns the bytes this rank sent, counted as ``CommStats`` counts an
+        all-gather (the chunks of the other N - 1 ranks), summed over the buckets."""
+        return sum(self._gather_bucket(b) for b in range(len(self.plan.slot_bytes)))
+
+    def _gather_bucket(self, b: int) -> int:
+        """Pack this rank's parameters of bucket ``b``, all-gather, unpack everyone's. The slot and
+        the gather buffer are locals: they are freed on return, before the next bucket is packed."""
+        slot_bytes, members = self.plan.slot_bytes[b], self.plan.members[b]
+        if slot_bytes == 0:  # only empty lossless parameters: nothing to move
             return 0
         device = self.params[0].device
-        mine = torch.zeros(self.slot_bytes, dtype=torch.uint8, device=device)
-        for i in self._owned:
+        owned = [i for i in members if self.owner[i] == self.rank]
+        mine = torch.zeros(slot_bytes, dtype=torch.uint8, device=device)
+        for i in owned:
             if not self.fp8[i]:
                 self._raw(mine, i).copy_(self.params[i])
-        fp8_owned = [i for i in self._owned if self.fp8[i]]
+        fp8_owned = [i for i in owned if self.fp8[i]]
         encode_fp8_weights_([self.params[i] for i in fp8_owned], [self.log2_scales[i] for i in fp8_owned],
                             [self._codes(mine, i).view(E4M3.dtype).view(self.params[i].shape) for i in fp8_owned],
                             [self._scale_inv(mine, i) for i in fp8_owned])
-        gathered = torch.empty(self.world_size * self.slot_bytes, dtype=torch.uint8, device=device)
-        # all_gather_single is the newer name (torch >= 2.12); all_gather_into_tensor before it
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, mine, group=self.group)
-        slots = gathered.split(self.slot_bytes)
-        for i, p in enumerate(self.params):
-            if not self.fp8[i] and self.owner[i] != self.rank:
-                p.copy_(self._raw(slots[self.owner[i]], i))
-        for i in self._fp8_all:  # the owner too: it must hold the decoded value, like everyone else
+        gathered = torch.empty(self.world_size * slot_bytes, dtype=torch.uint8, device=device)
+        self._all_gather(gathered, mine, self.group)
+        slots = gathered.split(slot_bytes)
+        for i in members:
             p, slot = self.params[i], slots[self.owner[i]]
+            if not self.fp8[i]:
+                if self.owner[i] != self.rank:
+                    p.copy_(self._raw(slot, i))
+                continue
+            # FP8: the owner too, it must hold the decoded value like everyone else
             out = p.view(-1) if p.is_contiguous() else torch.empty(p.numel(), dtype=p.dtype, device=device)
             decode_fp8_into(self._codes(slot, i), E4M3, self._scale_inv(slot, i), out)
             if not p.is_contiguous():
                 p.copy_(out.view(p.shape))
-        return (self.world_size - 1) * self.slot_bytes
+        # free the buffers' memory now, not when the last reference goes: the backend may still hold
+        # the finished collective's tensors for a while (a gloo worker thread did, after step():
+        # bench/memory.py once counted N x slot bytes more). Nothing reads them after this point.
+        for buffer in (mine, gathered):
+            buffer.untyped_storage().resize_(0)
+        return (self.world_size - 1) * slot_bytes

@@ -14,8 +14,9 @@ One ``ZeroOptimizer.step()`` on N ranks:
   clipping (``max_grad_norm``): comm/zero/_clip.py. A non-finite global norm (the same on every rank)
            skips the step like an overflow, as DdpStrategy does. Without ``max_grad_norm`` no norm
            is computed: see the Limitation below.
-  owners step the inner optimizer, then ONE all-gather moves the new weights (comm/zero/_weights.py):
-           rank r's slot holds its owned parameters end to end, each 16-byte aligned, padded to the
+  owners step the inner optimizer, then all-gathers in buckets move the new weights
+           (comm/zero/_weights.py): in bucket b, rank r's slot holds its b-th run of owned
+           parameters (at most ``comm.bucket_bytes``), each 16-byte aligned, padded to the bucket's
            largest slot; a parameter travels as its own dtype's bytes (uint8 view: lossless) or, if
            named in ``fp8_weight_names``, as E4M3 codes plus its fp32 scale_inv. Every rank takes
            the others' parameters out of it (and decodes its own FP8 ones), so the weights are
@@ -51,10 +52,10 @@ and every rank, the owner included, sets the parameter to code * scale_inv. Nume
     parameter after its first step, so the rounding does not feed back into training (the reasoning
     is at ``comm._weights.inner_master_problem``).
 
-Weights travel in ONE bucket (the whole model): the gather buffer holds N x (largest slot) bytes,
-about one extra copy of the weights, for a moment. Splitting it would need owner-balanced buckets
-(a whole-tensor bucket can be owned by a single rank, so slots padded to the max waste up to N x);
-not worth it at this project's model sizes. Gradients are bucketed by ``Fp8CommConfig.bucket_bytes``.
+Weights and gradients are bucketed by one knob, ``Fp8CommConfig.bucket_bytes``; for the weights it
+caps each rank's slot in one all-gather: temporaries of about N x max(bucket_bytes, largest
+parameter) bytes, freed bucket by bucket, never a copy of the model. The result is that of one
+whole-model bucket; the bytes sent grow by padding when bucket_bytes nears the parameters' sizes.
 
 Limitation (no clipping only): ``Fp8AdamW`` skips a step on its own when a new m, v or weight is
 non-finite, which finite gradients reach only at |g| > ~1.8e19 (g**2 overflows fp32). With clipping
@@ -104,7 +105,8 @@ FP8_ADAMW_STATE_BYTES_PER_TENSOR = 16
 class ZeroConfig:
     """stage:         1 (optimizer state sharded; gradients all-reduced, replicated) or 2 (also
                       gradients: reduce-scattered to their owners, freed elsewhere).
-    comm:             how gradients travel in FP8 (``Fp8CommConfig``: format, bucket_bytes, ...).
+    comm:             how gradients travel in FP8 (``Fp8CommConfig``: format, bucket_bytes, which
+                      also caps each rank's slot in a weight all-gather bucket, ...).
     max_grad_norm:    clip gradients so that their global L2 norm (over all parameters, in
                       gradient units, accumulated in fp32) is at most this; a non-finite norm
                       skips the step. None: no clipping, and no norm computed.
@@ -135,8 +137,8 @@ class ZeroStepResult:
                every rank; inf or nan when that skipped the step); None when not clipping or
                skipped for overflow in the comm.
     comm: this rank's gradient communication statistics (merged over buckets).
-    weight_bytes_sent: bytes this rank put on the wire in the weight all-gather, counted as
-               ``CommStats`` counts an all-gather: (N - 1) x the slot size (0 on a skipped step)."""
+    weight_bytes_sent: bytes this rank put on the wire in the weight all-gathers, counted as
+               ``CommStats`` counts one: (N - 1) x the slot size, summed over buckets (0 if skipped)."""
 
     skipped: bool
     grad_norm: torch.Tensor | None
@@ -216,7 +218,8 @@ class ZeroOptimizer:
         self.fp8_weight_names = tuple(n for n in self.names if n in fp8_names)  # in named_params order
         self._weights = WeightGather(self.params, self.partition.owner, self._by_owner,
                                      [n in fp8_names for n in self.names],
-                                     rank=self.rank, world_size=self.world_size, group=group)
+                                     rank=self.rank, world_size=self.world_size, group=group,
+                                     bucket_bytes=config.comm.bucket_bytes)
         if fp8_names:
             self._check_inner_master()
         self._skipped_steps = 0
