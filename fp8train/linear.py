@@ -11,7 +11,11 @@ Autocast never reaches inside: the amax, the casts and the emulated GEMM run as 
 matmul under autocast would silently become a bf16 one and break the fp32 accumulation).
 The weight gradient therefore accumulates across micro-steps in high precision (autograd adds into
 ``weight.grad``) and is quantized once, at the step boundary, by the gradient communication.
-Saved for backward are the FP8 copies of x and w (1 byte per element instead of 2 or 4).
+Saved for backward are the FP8 copies of x and w (1 byte per element instead of 2 or 4); for
+``torch._scaled_mm``, whose b operand is column-major, the casts also write transposed codes and
+the backward keeps x^T and w^T instead (``Fp8Tensor.data_t``): no copy after the cast in dgrad/wgrad.
+torch.compile: the casts of x and w (and their scaling-state updates) run in the module's forward,
+dy's in the backward; the whole layer traces with no graph break (tests/test_compile.py).
 Overflow: an inf/NaN in x, w or dy makes that cast's scale_inv NaN (``ScalingState``), so the GEMMs
 using it return NaN (x: y and dw; w: y and dx; dy: dx and dw) although the cast clamped the inf to
 fmax: a bias-free layer cannot turn an overflow into finite gradients and a step that is taken.
