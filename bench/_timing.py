@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_seconds", "sync"]
+__all__ = ["median_seconds", "sync", "verdict"]
 
 
 def sync(device: torch.device) -> None:
@@ -28,3 +28,11 @@ def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: in
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def verdict(value: float, target: float | None) -> str:
+    """A row's verdict against a ``>= target`` goal, computed from the measurement ("-" when the
+    row has no target)."""
+    if target is None:
+        return "-"
+    return f"{'pass' if value >= target else 'FAIL'} (>= {target:.2f})"

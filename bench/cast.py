@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import median_seconds  # noqa: E402
+from _timing import median_seconds, verdict  # noqa: E402
 
 from fp8train import E4M3, Fp8Config, amax_to_scale, quantize, tensor_to_amax  # noqa: E402
 from fp8train.cast import cast_to_fp8, cast_to_fp8_reference  # noqa: E402
@@ -64,6 +64,11 @@ def rows_for(numel: int, device: torch.device) -> list[tuple[str, float, int]]:
     ]
 
 
+# target for "amax+scale+quantize (ours)": >= 0.5x memcpy on CPU, >= 0.8x on CUDA
+TARGETS = {"cpu": 0.5, "cuda": 0.8}
+TARGET_ROW = "amax+scale+quantize (ours)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -74,13 +79,15 @@ def main() -> None:
         args.device, args.sizes_m = "cpu", [1]
     device = torch.device(args.device)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'elements':>9} | {'variant':<32} | {'ms':>8} | {'GB/s':>6} | {'x memcpy':>8}")
-    print("-" * 76)
+    print(f"{'elements':>9} | {'variant':<32} | {'ms':>8} | {'GB/s':>6} | {'x memcpy':>8} | target")
+    print("-" * 93)
     for size_m in args.sizes_m:
         rows = rows_for(size_m << 20, device)
         memcpy_s = rows[0][1]
         for label, seconds, nbytes in rows:
-            print(f"{size_m:>8}M | {label:<32} | {seconds * 1e3:8.2f} | {nbytes / seconds / 1e9:6.1f} | {memcpy_s / seconds:8.2f}")
+            target = TARGETS.get(device.type) if label == TARGET_ROW else None
+            print(f"{size_m:>8}M | {label:<32} | {seconds * 1e3:8.2f} | {nbytes / seconds / 1e9:6.1f} | "
+                  f"{memcpy_s / seconds:8.2f} | {verdict(memcpy_s / seconds, target)}")
 
 
 if __name__ == "__main__":

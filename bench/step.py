@@ -10,7 +10,9 @@ Each row builds the model exactly as the trainer does (``build_model``, ``apply_
 preset) and times whole optimizer steps -- forward and backward under the preset's context, the
 strategy's step (gradient sync, clip, update) and ``zero_grad`` -- on random tokens, reporting the
 median of ``--repeat`` steps after ``--warmup`` (compilation happens in the warm-up). The ratio
-column divides by the first row of the same model (the baseline: put it first). Peak memory is the
+column divides by the first row of the same model (the baseline: put it first); the target column
+is computed from it: on CPU a compiled row against an eager first row of its precision (>= 1.0), on
+CUDA the fp8_o2 row against a bf16 first row (>= 1.15). Peak memory is the
 CUDA allocator's peak of the row; on CPU it is not measured per row (the process RSS only grows).
 Graph breaks: ``torch._dynamo.explain`` of one block's forward (compiled rows).
 On CPU the FP8 GEMMs are an fp32 emulation: CPU rows show what compilation saves, not FP8's speed.
@@ -28,7 +30,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import median_seconds  # noqa: E402
+from _timing import median_seconds, verdict  # noqa: E402
 
 from fp8train.trainer.build import build_model, count_parameters  # noqa: E402
 from fp8train.trainer.compile import compile_blocks, transformer_blocks  # noqa: E402
@@ -37,6 +39,9 @@ from fp8train.trainer.distributed import distributed_session  # noqa: E402
 from fp8train.trainer.precision import apply_precision  # noqa: E402
 from fp8train.trainer.strategy import build_strategy  # noqa: E402
 
+# Targets, as speed vs the model's first row: on CPU a compiled FP8 step at least as fast as the
+# eager FP8 one (first row eager); on CUDA an fp8_o2 step >= 1.15x bf16, both compiled (first row bf16).
+CPU_TARGET, GPU_FP8_O2_TARGET = 1.0, 1.15
 DRY_RUN = dict(models="llama_tiny", micro_batch=2, seq=64, warmup=2, repeat=2)  # sizes only: the rest as asked
 
 
@@ -114,20 +119,26 @@ def main() -> None:
     print(f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'} torch={torch.__version__} "
           f"micro_batch={args.micro_batch} seq={args.seq} (median of {args.repeat} steps after {args.warmup})")
     header = (f"{'model':>12} | {'params':>7} | {'precision':>9} | {'mode':>8} | {'ms/step':>9} | {'tokens/s':>9} | "
-              f"{'peak GiB':>8} | {'vs first':>8} | {'breaks':>6}")
+              f"{'peak GiB':>8} | {'vs first':>8} | {'breaks':>6} | target")
     print(header)
     print("-" * len(header))
     for model_name in args.models.split(","):
-        baseline = None
+        baseline, first_row = None, None
         for precision in args.precisions.split(","):
             for mode in args.modes.split(","):
                 r = _row(model_name, precision, mode, args)
-                baseline = baseline or r["seconds"]
+                baseline, first_row = baseline or r["seconds"], first_row or (precision, mode)
+                target = None
+                if args.device == "cpu" and first_row == (precision, "eager") and mode == "compiled":
+                    target = CPU_TARGET
+                elif args.device == "cuda" and first_row[0] == "bf16" and precision == "fp8_o2":
+                    target = GPU_FP8_O2_TARGET
                 peak = f"{r['peak_gib']:8.2f}" if r["peak_gib"] is not None else f"{'-':>8}"
                 breaks = f"{r['breaks']:6d}" if r["breaks"] is not None else f"{'-':>6}"
                 print(f"{model_name:>12} | {r['params'] / 1e6:6.1f}M | {precision:>9} | {mode:>8} | "
                       f"{r['seconds'] * 1e3:9.1f} | {r['tokens_per_s']:9.0f} | {peak} | "
-                      f"{baseline / r['seconds']:7.2f}x | {breaks}", flush=True)
+                      f"{baseline / r['seconds']:7.2f}x | {breaks} | {verdict(baseline / r['seconds'], target)}",
+                      flush=True)
 
 
 if __name__ == "__main__":
