@@ -20,8 +20,7 @@ One ``ZeroOptimizer.step()`` on N ranks:
            largest slot; a parameter travels as its own dtype's bytes (uint8 view: lossless) or, if
            named in ``fp8_weight_names``, as E4M3 codes plus its fp32 scale_inv. Every rank takes
            the others' parameters out of it (and decodes its own FP8 ones), so the weights are
-           bit-identical on all ranks after every step. ``ZeroStepResult.weight_bytes_sent``
-           counts it.
+           bit-identical on all ranks after every step (bytes: ``ZeroStepResult.weight_bytes_sent``).
 
 Because the gradients an owner sees are bit-identical to the replicated path's, and the inner
 optimizer's math is per tensor (``Fp8AdamW``), ZeRO-1/2 reproduce the replicated FP8 path bit for bit
@@ -52,10 +51,9 @@ and every rank, the owner included, sets the parameter to code * scale_inv. Nume
     parameter after its first step, so the rounding does not feed back into training (the reasoning
     is at ``comm._weights.inner_master_problem``).
 
-Weights and gradients are bucketed by one knob, ``Fp8CommConfig.bucket_bytes``; for the weights it
-caps each rank's slot in one all-gather: temporaries of about N x max(bucket_bytes, largest
-parameter) bytes, freed bucket by bucket, never a copy of the model. The result is that of one
-whole-model bucket; the bytes sent grow by padding when bucket_bytes nears the parameters' sizes.
+Weights and gradients are bucketed by one knob, ``Fp8CommConfig.bucket_bytes`` (for the weights:
+each rank's slot per all-gather; temporaries ~N x max(bucket_bytes, largest parameter), freed
+bucket by bucket; the same result as one whole-model bucket, a little more padding on the wire).
 
 Limitation (no clipping only): ``Fp8AdamW`` skips a step on its own when a new m, v or weight is
 non-finite, which finite gradients reach only at |g| > ~1.8e19 (g**2 overflows fp32). With clipping
@@ -137,8 +135,7 @@ class ZeroStepResult:
                every rank; inf or nan when that skipped the step); None when not clipping or
                skipped for overflow in the comm.
     comm: this rank's gradient communication statistics (merged over buckets).
-    weight_bytes_sent: bytes this rank put on the wire in the weight all-gathers, counted as
-               ``CommStats`` counts one: (N - 1) x the slot size, summed over buckets (0 if skipped)."""
+    weight_bytes_sent: bytes sent in the weight all-gathers: (N - 1) x slot, summed over buckets; 0 if skipped."""
 
     skipped: bool
     grad_norm: torch.Tensor | None
