@@ -41,3 +41,4 @@ bench: $(STAMP)
 	$(PY) bench/optim.py
 	$(VENV)/bin/torchrun --nproc-per-node=2 bench/comm.py
 	$(PY) bench/memory.py --no-deepspeed
+	$(PY) bench/accuracy.py

@@ -30,9 +30,10 @@ def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: in
     return statistics.median(times)
 
 
-def verdict(value: float, target: float | None) -> str:
-    """A row's verdict against a ``>= target`` goal, computed from the measurement ("-" when the
-    row has no target)."""
+def verdict(value: float, target: float | None, *, at_most: bool = False) -> str:
+    """A row's verdict against a ``>= target`` goal (``at_most``: a ``<= target`` one, e.g. bytes),
+    computed from the measurement ("-" when the row has no target)."""
     if target is None:
         return "-"
-    return f"{'pass' if value >= target else 'FAIL'} (>= {target:.2f})"
+    ok, sign = (value <= target, "<=") if at_most else (value >= target, ">=")
+    return f"{'pass' if ok else 'FAIL'} ({sign} {target:.2f})"

@@ -52,6 +52,7 @@ def convert_to_fp8(
     config: Fp8Config | None = None,
     module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
     skip_output_head: bool = True,
+    fp8_weights: bool = False,
 ) -> nn.Module:
     """Replace eligible ``nn.Linear`` modules of ``model`` by ``Fp8Linear``, in place; returns model.
 
@@ -59,10 +60,28 @@ def convert_to_fp8(
     Parameters are reused, not copied: their names, values and identity are unchanged, so a
     state_dict saved before conversion loads after it, and an existing optimizer keeps working.
     Nothing in torch is patched.
+    ``fp8_weights``: the converted layers store their weights in FP8 (``Fp8Linear(fp8_weight=True)``);
+    a weight another module shares (tied) is refused, since that module reads its values.
     """
     config = config or Fp8Config()
     targets = conversion_targets(model, module_filter_fn=module_filter_fn, skip_output_head=skip_output_head)
-    return replace_submodules(model, targets, lambda linear: Fp8Linear.from_linear(linear, config))
+    if fp8_weights:
+        _check_untied(model, targets)
+    return replace_submodules(model, targets,
+                              lambda linear: Fp8Linear.from_linear(linear, config, fp8_weight=fp8_weights))
+
+
+def _check_untied(model: nn.Module, targets: list[str]) -> None:
+    uses: dict[int, list[str]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            uses.setdefault(id(p), []).append(f"{fqn}.{name}" if fqn else name)
+    for fqn in targets:
+        names = uses[id(model.get_submodule(fqn).weight)]
+        if len(set(names)) > 1:
+            raise ValueError(f"convert_to_fp8(fp8_weights=True): {names[0]!r} is tied to {names[1]!r}; FP8 primary "
+                             "weights need a weight no other module reads (allowed: untie it, or filter the layer "
+                             "out with module_filter_fn)")
 
 
 def replace_submodules(model: nn.Module, fqns: list[str], make: Callable[[nn.Module], nn.Module]) -> nn.Module:

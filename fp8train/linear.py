@@ -19,6 +19,17 @@ dy's in the backward; the whole layer traces with no graph break (tests/test_com
 Overflow: an inf/NaN in x, w or dy makes that cast's scale_inv NaN (``ScalingState``), so the GEMMs
 using it return NaN (x: y and dw; w: y and dx; dy: dx and dw) although the cast clamped the inf to
 fmax: a bias-free layer cannot turn an overflow into finite gradients and a step that is taken.
+
+FP8 primary weights (``fp8_weight=True``; MS-AMP's O3, Transformer Engine's ``fp8_model_init``): the
+layer stores its weight as E4M3 codes plus a power-of-two ``scale_inv`` (buffers ``weight_codes``,
+``weight_scale_inv``: 1 byte per element), written once per optimizer step by ``set_weight_`` (the
+``weight_scaling`` recipe's cast) and read by every forward without a cast. ``weight`` stays the
+Parameter that autograd accumulates the high-precision weight gradient into and that optimizers
+hold; its value is needed once, to initialise an optimizer's master (``Fp8AdamW(fp8_weights=...)``),
+which then releases it (``release_high_precision_``: the Parameter keeps its shape over a single
+element of storage). Numerics: with the ``current`` recipe the codes are the very values the
+forward's own cast of that weight would give, so a model whose weight equals the master (fp32
+parameters) computes bit for bit what it computes with high-precision weights.
 """
 
 from __future__ import annotations
@@ -105,27 +116,41 @@ class Fp8Linear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 config: Fp8Config | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 config: Fp8Config | None = None, fp8_weight: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if fp8_weight not in (True, False):
+            raise ValueError(f"Fp8Linear.fp8_weight={fp8_weight!r} is not allowed; allowed values: True, False")
         self.config = config or Fp8Config()
         state_device = self.weight.device
         self.input_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.weight_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.grad_output_scaling = ScalingState(self.config.grad_output_fp8, self.config, device=state_device)
         self._built_graph = False  # a forward with grad enabled happened (grad_output_scaling.has_history)
+        self.fp8_weight = fp8_weight
+        if fp8_weight:
+            self.register_buffer("weight_codes", torch.zeros(self.weight.shape, dtype=E4M3.dtype, device=state_device))
+            self.register_buffer("weight_scale_inv", torch.ones((), dtype=torch.float32, device=state_device))
+            if state_device.type != "meta":
+                self.set_weight_(self.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Fp8Config) -> Fp8Linear:
+    def from_linear(cls, linear: nn.Linear, config: Fp8Config, *, fp8_weight: bool = False) -> Fp8Linear:
         """Wraps ``linear``'s own Parameter objects (no copy), so optimizers and tied references
-        that hold them stay valid."""
+        that hold them stay valid. ``fp8_weight``: also store the weight in FP8 (module docstring),
+        quantized from its current value."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    config=config, device="meta")
+                    config=config, fp8_weight=fp8_weight, device="meta")
         layer.weight = linear.weight
         layer.bias = linear.bias
+        device = linear.weight.device
         for role in _SCALING_ROLES:
-            setattr(layer, role, getattr(layer, role).to_empty(device=linear.weight.device))
+            setattr(layer, role, getattr(layer, role).to_empty(device=device))
         layer._reset_scaling_state()
+        if fp8_weight:
+            layer.weight_codes = torch.zeros(layer.weight.shape, dtype=E4M3.dtype, device=device)
+            layer.weight_scale_inv = torch.ones((), dtype=torch.float32, device=device)
+            layer.set_weight_(layer.weight)
         return layer
 
     def _reset_scaling_state(self) -> None:
@@ -136,14 +161,18 @@ class Fp8Linear(nn.Linear):
             getattr(self, role).reset_stats()  # non-persistent: not in the state_dict
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}"
+        fp8_weight = ", fp8_weight=True" if self.fp8_weight else ""
+        return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}{fp8_weight}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = _output_dtype(x)
         transposed = self._wants_transposes(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x_fp8 = self.input_scaling.quantize(x.reshape(-1, x.shape[-1]), transposed=transposed)   # (M, in)
-            w_fp8 = self.weight_scaling.quantize(self.weight, transposed=transposed)                  # (out, in)
+            if self.fp8_weight:  # stored codes: no cast (the transposed layout is a 1-byte copy)
+                w_fp8 = self.stored_fp8_weight(transposed=transposed)
+            else:
+                w_fp8 = self.weight_scaling.quantize(self.weight, transposed=transposed)              # (out, in)
             return _Fp8LinearFn.apply(x, self.weight, self.bias, x_fp8, w_fp8, self, out_dtype,
                                       self._dy_has_history())
 
@@ -166,7 +195,70 @@ class Fp8Linear(nn.Linear):
         self._built_graph = True
         return has_history
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    # ---- FP8 primary weights (fp8_weight=True) ---------------------------------------------------
+
+    def stored_fp8_weight(self, *, transposed: bool = False) -> Fp8Tensor:
+        """The stored weight (codes and scale_inv, no copy; ``transposed``: plus a transposed copy)."""
+        self._require_fp8_weight("stored_fp8_weight")
+        codes = self.weight_codes
+        return Fp8Tensor(data=codes, scale_inv=self.weight_scale_inv, orig_dtype=self.weight.dtype,
+                         data_t=codes.t().contiguous() if transposed else None)
+
+    @torch.no_grad()
+    def set_weight_(self, weight_hp: torch.Tensor) -> None:
+        """Store ``weight_hp`` (the layer's shape, any float dtype) as E4M3 with ``weight_scaling``'s
+        recipe, exactly the cast the forward applies to a high-precision weight (its history and
+        counters advance as that cast's would; a non-finite amax keeps the previous scale)."""
+        self._require_fp8_weight("set_weight_")
+        if weight_hp.shape != self.weight_codes.shape:
+            raise ValueError(f"Fp8Linear.set_weight_: shape {tuple(weight_hp.shape)}, expected "
+                             f"{tuple(self.weight_codes.shape)}")
+        w_fp8 = self.weight_scaling.quantize(weight_hp.detach())
+        finite = torch.isfinite(w_fp8.scale_inv)
+        self.weight_codes.copy_(w_fp8.data)
+        self.weight_scale_inv.copy_(torch.where(finite, w_fp8.scale_inv, torch.exp2(-self.weight_scaling.log2_scale)))
+
+    @torch.no_grad()
+    def set_fp8_weight_(self, codes: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Store codes made elsewhere (a ZeRO owner's, received in an all-gather), bit for bit; the
+        weight role's state records that cast (the amax of the weight the GEMMs use, max|code| *
+        scale_inv, and its scaling bias), so that monitoring reads what it would on the owner."""
+        self._require_fp8_weight("set_fp8_weight_")
+        self.weight_codes.copy_(codes.view(self.weight_codes.shape))
+        self.weight_scale_inv.copy_(scale_inv)
+        amax = self.weight_codes.to(torch.float32).abs().amax() * self.weight_scale_inv
+        self.weight_scaling.record_cast_(amax, -torch.log2(self.weight_scale_inv))
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the GEMMs use: the stored codes times scale_inv (fp8_weight), else ``weight``."""
+        if not self.fp8_weight:
+            return self.weight.detach().to(dtype or self.weight.dtype)
+        return self.stored_fp8_weight().dequantize(dtype or self.weight.dtype)
+
+    @property
+    def holds_high_precision_weight(self) -> bool:
+        """Whether ``weight`` still has its own values (before ``release_high_precision_``)."""
+        return self.weight.stride() != (0,) * self.weight.dim() or self.weight.numel() <= 1
+
+    @torch.no_grad()
+    def release_high_precision_(self) -> None:
+        """Drop ``weight``'s values (its master now lives in the optimizer): the Parameter keeps its
+        shape, dtype, device, identity and gradient over a single element of storage."""
+        self._require_fp8_weight("release_high_precision_")
+        w = self.weight
+        w.data = torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
+
+    def _require_fp8_weight(self, what: str) -> None:
+        if not self.fp8_weight:
+            raise RuntimeError(f"Fp8Linear.{what} needs fp8_weight=True (this layer keeps a high-precision weight)")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fp8_weight:  # the codes and scale_inv are the weight; the Parameter is a gradient handle
+            destination.pop(f"{prefix}weight", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
         # A state_dict from a high-precision model has no scaling state for this layer at all:
         # fill in the current (initial) values so that strict loading succeeds. A state_dict that
         # has some of it is loaded as is, so a truncated FP8 checkpoint still fails loudly.
@@ -175,4 +267,37 @@ class Fp8Linear(nn.Linear):
             for role in _SCALING_ROLES:
                 for name, buf in getattr(self, role).state_dict().items():  # persistent buffers only
                     state_dict[f"{prefix}{role}.{name}"] = buf.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        weight_key, codes_key, scale_key = (f"{prefix}{k}" for k in ("weight", "weight_codes", "weight_scale_inv"))
+        weight_hp = None
+        if self.fp8_weight and weight_key in state_dict:
+            weight_hp = self._take_high_precision_weight(state_dict, weight_key, codes_key, scale_key)
+        elif not self.fp8_weight and weight_key not in state_dict and codes_key in state_dict:
+            # an FP8-weight checkpoint into a high-precision layer: the weight it computed with
+            codes, scale_inv = state_dict.pop(codes_key), state_dict.pop(scale_key)
+            state_dict[weight_key] = codes.to(torch.float32) * scale_inv.to(torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.fp8_weight and weight_key in missing_keys:  # the handle holds no value to load
+            missing_keys.remove(weight_key)
+        if weight_hp is not None:  # after the scaling state loaded: the cast advances it from there
+            self.set_weight_(weight_hp)
+
+    def _take_high_precision_weight(self, state_dict, weight_key: str, codes_key: str,
+                                    scale_key: str) -> torch.Tensor | None:
+        """A high-precision weight (a pre-conversion or fp8_weight=False state_dict), taken out of
+        ``state_dict``: copied into ``weight`` while that still holds values (for an optimizer's
+        master to start from) and returned to be cast into the codes once the scaling state loaded,
+        unless the state_dict has codes of its own. None (left in place) on a shape mismatch, which
+        torch then reports as for any parameter."""
+        weight = state_dict[weight_key]
+        if weight.shape != self.weight.shape:
+            return None
+        del state_dict[weight_key]
+        weight = weight.to(self.weight.device)
+        if self.holds_high_precision_weight:
+            with torch.no_grad():
+                self.weight.copy_(weight)
+        if codes_key in state_dict:
+            return None
+        state_dict[codes_key], state_dict[scale_key] = self.weight_codes, self.weight_scale_inv  # placeholders
+        return weight

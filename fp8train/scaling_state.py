@@ -105,6 +105,14 @@ class ScalingState(nn.Module):
         recorded = torch.where(finite, amax, torch.zeros_like(amax))
         self.amax_history.copy_(torch.cat([recorded.reshape(1), self.amax_history[:-1]]))
 
+    @torch.no_grad()
+    def record_cast_(self, amax: torch.Tensor, log2_scale: torch.Tensor) -> None:
+        """Record a cast made elsewhere with this role's recipe (a ZeRO owner's FP8 weight, received
+        as codes): its amax enters the history and counters, its scaling bias becomes the current one."""
+        self._record(amax.to(torch.float32).reshape(()))
+        self.log2_scale.copy_(log2_scale)
+        self.has_history = True
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.n_casts.device.type != "meta":  # one host read, at load time

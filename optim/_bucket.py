@@ -1,11 +1,15 @@
 """A bucket: the tensors of one param group that one call can update together (same device, same
 parameter and gradient dtypes), with the per-tensor coefficients and scales of this step.
 
-The step of a bucket has two passes because every scale is fresh (from the amax of the values it
-stores): pass 1 computes the new m, v, w and their amax without writing anything; the optimizer then
-decides (over all buckets) whether the step is skipped; pass 2 stores the states with the new scales
-and writes the parameters. The fused CPU kernel recomputes the update in pass 2 (cheaper than keeping
-12 bytes per element of fp32 temporaries); the eager path keeps its pass-1 lists.
+The step of a bucket reads every tensor once: the scales come from upper bounds of the new amaxes
+(``_bounds``: each step records a few numbers per tensor, the next one bounds its new values with them
+and amax(g)), so the one store pass computes the update, stores it and records. Its only other read
+is amax(g) (``grad_amax``), finished before the store pass starts (the store pass may write an FP8
+primary weight into the gradient's buffer). The optimizer decides (over all buckets) whether the
+step is skipped before any bucket writes. A bucket whose bounds are unusable (no record yet, e.g. a
+state saved before records existed; non-finite bounds) takes two passes: ``pass1`` computes the exact
+amax of the new values without writing, the store pass then stores with those fresh scales (and
+records, so the next step is one pass again).
 
 The foreach path can run compiled (``compiled``; by default on accelerators): each pass is one
 ``torch.compile``d graph over the whole bucket, so inductor fuses the ~20 foreach ops of a step into
@@ -23,15 +27,20 @@ from typing import Any
 
 import torch
 
-from fp8train.optim._eager import COEF_NAMES, STORED_KEYS, _Lists, eager_store, eager_update_and_amax
+from fp8train.optim._bounds import bounds_, next_record, tau
+from fp8train.optim._eager import COEF_NAMES, STORED_KEYS, eager_step, eager_update_and_amax
 from fp8train.optim._formats import PARAM_DTYPES, StateFormat
 from fp8train.optim._kernel import KernelArgs, load_kernel
 from fp8train.scaling import amax_to_log2_scale
 
-__all__ = ["Bucket", "coef_matrix", "compiled_default", "fused_eligible", "weight_amax_needed"]
+__all__ = ["RECORD_KEY", "Bucket", "coef_matrix", "compiled_default", "fused_eligible", "weight_amax_needed"]
 
 _NO_MASTER = -1
 _M, _V, _W = STORED_KEYS["exp_avg"], STORED_KEYS["exp_avg_sq"], STORED_KEYS["master"]
+RECORD_KEY = "bound_record"  # per-parameter (len(_bounds.RECORD),) fp32: what the next step's bounds need
+_COLS = {name: j for j, name in enumerate(COEF_NAMES)}
+_BITS_DTYPE = {torch.float8_e4m3fn: torch.uint8, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+               torch.float32: torch.int32}
 
 
 def coef_matrix(steps: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -51,9 +60,9 @@ def coef_matrix(steps: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
 
 
 def weight_amax_needed(master_fmt: StateFormat | None, group: dict[str, Any]) -> bool:
-    """Whether pass 1 must compute the new weight (a square root and a division per element): when
-    its amax sets a scaled master's scale, or when finite moments could still give a non-finite
-    weight. They cannot if eps > 0, lr / ((1 - beta1) eps) < 1e18 and lr * weight_decay <= 1:
+    """Whether the step must bound (or pass 1 compute) the new weight's amax: when it sets a scaled
+    master's scale, or when finite moments could still give a non-finite weight. They cannot if
+    eps > 0, lr / ((1 - beta1) eps) < 1e18 and lr * weight_decay <= 1:
     |g| < 1.9e19 (else g * g, so v, overflows and the step is skipped), hence |m1| < 1.9e19,
     step_size <= lr / (1 - beta1), denom >= eps, so |step_size * m1 / denom| < 1.9e37 < fp32 max,
     and |w * (1 - lr * weight_decay)| <= |w|."""
@@ -89,14 +98,19 @@ def _ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
+def _code_values(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n,) fp32 values of stored codes given as their bit patterns (int32, sign cleared) in ``dtype``."""
+    return bits.to(_BITS_DTYPE[dtype]).view(dtype).to(torch.float32)
+
+
 @dataclass(slots=True)
 class Bucket:
     """params / grads / states: parallel lists (states are the optimizer's per-parameter dicts).
     formats: (m, v, master) storage formats; master None when the parameter is the master.
     coef:    (n, len(COEF_NAMES)) fp32 step coefficients.
     fused:   run the C kernel (CPU, contiguous, kernel built) instead of the foreach path.
-    compiled: run the foreach path's two passes as compiled graphs (ignored when ``fused``).
-    w_amax_needed: see ``weight_amax_needed`` (the kernel may skip the weight in pass 1 otherwise;
+    compiled: run the foreach path's passes as compiled graphs (ignored when ``fused``).
+    w_amax_needed: see ``weight_amax_needed`` (the kernel's pass 1 may skip the weight otherwise;
              the foreach path always computes it)."""
 
     params: list[torch.Tensor]
@@ -107,8 +121,8 @@ class Bucket:
     fused: bool
     compiled: bool = False
     w_amax_needed: bool = True
+    sr_keys: torch.Tensor | None = None  # (n, 2) int64 stream keys: stochastic rounding; None: nearest
     log2_scale: torch.Tensor = field(init=False)  # (n, 3) fp32 scaling biases in use: m, v, master
-    _new: _Lists | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.log2_scale = torch.stack([self._column_states(key) for key in self._scale_keys()], dim=1)
@@ -130,22 +144,39 @@ class Bucket:
     def _weights(self) -> list[torch.Tensor]:
         return self._list(_W) if self.has_master else self.params
 
-    # ---- pass 1 / pass 2 -------------------------------------------------------------------------
+    # ---- before any write: amax(g), bounds, or pass 1 ----------------------------------------------
+
+    def grad_amax(self) -> torch.Tensor:
+        """(n,) fp32 max |g| per tensor; non-finite where a gradient is (one read of each gradient)."""
+        if self.fused:
+            out = torch.zeros(len(self.params), dtype=torch.float32)
+            self._call_kernel("fp8adamw_grad_amax", grad_amax=out)
+            return out
+        return torch.stack(torch._foreach_norm(self.grads, ord=float("inf"))).to(torch.float32)
+
+    def bounds(self, grad_amax: torch.Tensor) -> torch.Tensor | None:
+        """(n, 3) fp32 upper bounds of the new amax of m, v, w (``_bounds``), or None where this step
+        cannot bound them: a state without a record, or a parameter that is its own master with a
+        weight that could overflow (its values may have been changed outside the optimizer)."""
+        if any(RECORD_KEY not in s for s in self.states) or (self.w_amax_needed and not self.has_master):
+            return None
+        record = torch.stack(self._list(RECORD_KEY))
+        return bounds_(record, grad_amax, self.coef, _COLS, weight_needed=self.w_amax_needed)
 
     def pass1(self) -> torch.Tensor:
-        """(n, 3) fp32 amax of the new m, v, w; non-finite where the gradient makes them so."""
+        """Two-pass steps only: (n, 3) fp32 exact amax of the new m, v, w; non-finite where the gradient
+        makes them so. Writes nothing."""
         scale_inv = torch.exp2(-self.log2_scale)
         if self.fused:
             amax = torch.zeros(len(self.params), 3, dtype=torch.float32)
-            self._call_kernel("fp8adamw_pass1", scale_inv, torch.ones_like(scale_inv), amax)
+            self._call_kernel("fp8adamw_pass1", scale_inv=scale_inv, amax=amax)
             return amax
         update = _compiled(eager_update_and_amax) if self.compiled else eager_update_and_amax
-        self._new, amax = update(self.grads, self._list(_M), self._list(_V), self._weights(), self.coef, scale_inv)
-        return amax
+        return update(self.grads, self._list(_M), self._list(_V), self._weights(), self.coef, scale_inv)[1]
 
     def new_log2_scale(self, amax: torch.Tensor) -> torch.Tensor:
-        """Fresh scaling biases from pass 1's amax (``amax_to_log2_scale``: amax 0 keeps the previous
-        one); unscaled formats (bf16, fp32) keep 0."""
+        """Scaling biases from an amax or an upper bound of it (``amax_to_log2_scale``: 0 keeps the
+        previous one); unscaled formats (bf16, fp32) keep 0."""
         cols = []
         for j, fmt in enumerate(self.formats):
             prev = self.log2_scale[:, j]
@@ -153,39 +184,55 @@ class Bucket:
             cols.append(amax_to_log2_scale(amax[:, j], fmt.range, prev_log2_scale=prev) if scaled else prev)
         return torch.stack(cols, dim=1)
 
-    def pass2(self, new_log2_scale: torch.Tensor) -> None:
-        """Store states with the new scales, write the parameters, advance steps and scales."""
+    # ---- the store pass ------------------------------------------------------------------------------
+
+    def store(self, new_log2_scale: torch.Tensor) -> None:
+        """Store states with the new scales, write the parameters, advance steps and scales, record."""
         new_scale = torch.exp2(new_log2_scale)
+        thresholds = tau(self.formats[1], new_log2_scale[:, 1])
         if self.fused:
-            self._call_kernel("fp8adamw_pass2", torch.exp2(-self.log2_scale), new_scale, None)
+            bits = torch.zeros(len(self.params), 6, dtype=torch.int32)
+            self._call_kernel("fp8adamw_store", scale_inv=torch.exp2(-self.log2_scale), new_scale=new_scale,
+                              tau=thresholds, stats=bits)
+            m_fmt, v_fmt, w_fmt = self.formats
+            stats = torch.stack([_code_values(bits[:, 0], m_fmt.dtype), _code_values(bits[:, 1], v_fmt.dtype),
+                                 _code_values(bits[:, 2], (w_fmt or m_fmt).dtype)]
+                                + list(bits[:, 3:].view(torch.float32).unbind(1)), dim=1)
         else:
             master = self._list(_W) if self.has_master else None
-            store = _compiled(eager_store) if self.compiled else eager_store
-            store(self._new, self.params, self._list(_M), self._list(_V), master, self.formats, new_scale)
-            self._new = None
+            step = _compiled(eager_step) if self.compiled else eager_step
+            stats = step(self.grads, self._list(_M), self._list(_V), self._weights(), self.coef,
+                         torch.exp2(-self.log2_scale), self.params, master, self.formats, new_scale, self.sr_keys,
+                         thresholds)
+        records = next_record(stats, new_log2_scale, self.coef, _COLS, self.formats)
         torch._foreach_add_(self._list("step"), 1.0)
         for j, key in enumerate(self._scale_keys()):
             torch._foreach_copy_(self._list(key), list(new_log2_scale[:, j].unbind(0)))
+        for state, record in zip(self.states, records.unbind(0)):
+            state[RECORD_KEY] = record.clone()
 
-    def _call_kernel(self, name: str, scale_inv: torch.Tensor, new_scale: torch.Tensor,
-                     amax: torch.Tensor | None) -> None:
+    def _call_kernel(self, name: str, **arrays: torch.Tensor) -> None:
+        """Call ``name`` with this bucket's pointer tables and the given fp32 / int32 arrays (scale_inv,
+        new_scale, amax, tau, stats, grad_amax; absent ones get a dummy)."""
         m_fmt, v_fmt, w_fmt = self.formats
+        n = len(self.params)
+        dummy = torch.zeros(max(n, 1) * 6)
         keep = {  # int64 pointer tables and fp32 matrices, alive for the duration of the call
             "numel": torch.tensor([p.numel() for p in self.params], dtype=torch.int64),
             "grad": _ptrs(self.grads), "param": _ptrs(self.params),
             "exp_avg": _ptrs(self._list(_M)), "exp_avg_sq": _ptrs(self._list(_V)),
             "master": _ptrs(self._list(_W)) if self.has_master else torch.zeros(1, dtype=torch.int64),
-            "coef": self.coef.contiguous(), "scale_inv": scale_inv.contiguous(),
-            "new_scale": new_scale.contiguous(),
-            "amax": amax if amax is not None else torch.zeros(len(self.params), 3),
+            "coef": self.coef.contiguous(),
+            "sr_key": self.sr_keys.contiguous() if self.sr_keys is not None else torch.zeros(1, dtype=torch.int64),
         }
+        for key in ("scale_inv", "new_scale", "amax", "tau", "stats", "grad_amax"):
+            keep[key] = arrays[key].contiguous() if key in arrays else dummy
         args = KernelArgs(
-            n_tensors=len(self.params), **{k: v.data_ptr() for k, v in keep.items()},
+            n_tensors=n, **{k: v.data_ptr() for k, v in keep.items()},
             grad_dtype=PARAM_DTYPES[self.grads[0].dtype], param_dtype=PARAM_DTYPES[self.params[0].dtype],
             exp_avg_dtype=m_fmt.code, exp_avg_sq_dtype=v_fmt.code,
             master_dtype=w_fmt.code if w_fmt is not None else _NO_MASTER, n_threads=torch.get_num_threads(),
-            w_amax_needed=int(self.w_amax_needed),
+            w_amax_needed=int(self.w_amax_needed), rounding=int(self.sr_keys is not None),
         )
         if getattr(load_kernel(), name)(ctypes.byref(args)) != 0:
             raise MemoryError(f"fp8train.optim: {name} could not allocate its work table")
-

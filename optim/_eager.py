@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from fp8train.optim._formats import StateFormat, decode, encode_
+from fp8train.optim._rounding import SR_SPECS, element_bits, stochastic_grid
 
-__all__ = ["COEF_NAMES", "SLOT_NAMES", "STORED_KEYS", "eager_amax", "eager_store", "eager_update",
+__all__ = ["COEF_NAMES", "SLOT_NAMES", "STORED_KEYS", "eager_amax", "eager_step", "eager_store", "eager_update",
            "eager_update_and_amax"]
 
 # columns of the per-tensor coefficient matrix; the C kernel's enum has the same order
@@ -30,6 +31,7 @@ SLOT_NAMES = ("exp_avg", "exp_avg_sq", "master")
 # load our scaled codes as moments (cast to fp32, no error); under these it fails at its first step.
 STORED_KEYS = {slot: f"{slot}_scaled" for slot in SLOT_NAMES}
 
+_PARAM_SR = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # parameter dtypes that round stochastically
 _Lists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
 
@@ -48,10 +50,9 @@ def _sqrt_rn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [r.to(torch.float32) for r in roots]
 
 
-def eager_update(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
-                 weights: list[torch.Tensor], coef: torch.Tensor, scale_inv: torch.Tensor) -> _Lists:
-    """New (m, v, w) in fp32 from gradients and stored states. ``weights`` are the stored masters
-    (decoded with ``scale_inv[:, 2]``) or the parameters themselves (decoded with multiplier 1)."""
+def _update(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
+            weights: list[torch.Tensor], coef: torch.Tensor, scale_inv: torch.Tensor) -> tuple[_Lists, _Lists]:
+    """(m1, v1, w1) and the intermediates the store pass's statistics need: (sqrt(v1), denom, m1 / denom)."""
     c = {name: _column(coef, j) for j, name in enumerate(COEF_NAMES)}
     g = decode(grads, c["grad_mul"])  # grad_mul is -1 for maximize: exact
     m = decode(exp_avg, _column(scale_inv, 0))
@@ -64,14 +65,20 @@ def eager_update(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg
     torch._foreach_mul_(gg, c["one_minus_beta2"])
     v1 = torch._foreach_mul(v, c["beta2"])
     torch._foreach_add_(v1, gg)
-    denom = _sqrt_rn(v1)
-    torch._foreach_mul_(denom, c["bc2_sqrt_inv"])
+    root = _sqrt_rn(v1)
+    denom = torch._foreach_mul(root, c["bc2_sqrt_inv"])
     torch._foreach_add_(denom, c["eps"])
     update = torch._foreach_div(m1, denom)
-    torch._foreach_mul_(update, c["step_size"])
     w1 = torch._foreach_mul(w, c["decay"])
-    torch._foreach_sub_(w1, update)
-    return m1, v1, w1
+    torch._foreach_sub_(w1, torch._foreach_mul(update, c["step_size"]))
+    return (m1, v1, w1), (root, denom, update)
+
+
+def eager_update(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
+                 weights: list[torch.Tensor], coef: torch.Tensor, scale_inv: torch.Tensor) -> _Lists:
+    """New (m, v, w) in fp32 from gradients and stored states. ``weights`` are the stored masters
+    (decoded with ``scale_inv[:, 2]``) or the parameters themselves (decoded with multiplier 1)."""
+    return _update(grads, exp_avg, exp_avg_sq, weights, coef, scale_inv)[0]
 
 
 def eager_amax(new: _Lists) -> torch.Tensor:
@@ -88,17 +95,57 @@ def eager_update_and_amax(grads: list[torch.Tensor], exp_avg: list[torch.Tensor]
     return new, eager_amax(new)
 
 
+def _random_fields(keys: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+    """Per tensor: m's 32 random bits, v's 16 (low half of stream 1), the weight's 16 (high half)."""
+    r0 = [element_bits(keys[i, 0], t.numel()) for i, t in enumerate(tensors)]
+    r1 = [element_bits(keys[i, 1], t.numel()) for i, t in enumerate(tensors)]
+    return r0, [r & 0xFFFF for r in r1], [r >> 16 for r in r1]
+
+
 def eager_store(new: _Lists, params: list[torch.Tensor], exp_avg: list[torch.Tensor],
                 exp_avg_sq: list[torch.Tensor], master: list[torch.Tensor] | None,
-                formats: tuple[StateFormat, StateFormat, StateFormat | None], new_scale: torch.Tensor) -> None:
+                formats: tuple[StateFormat, StateFormat, StateFormat | None], new_scale: torch.Tensor,
+                keys: torch.Tensor | None = None) -> None:
     """Store the new states with the new scales (``new_scale``, powers of two); the parameter gets the
-    value the master now holds, decoded back (or the new weight itself when it is its own master)."""
+    value the master now holds, decoded back (or the new weight itself when it is its own master).
+    ``keys``: (n, 2) int64 stream keys for stochastic rounding (``_rounding``); None: round to nearest."""
     m1, v1, w1 = new
     m_fmt, v_fmt, w_fmt = formats
-    encode_(exp_avg, m1, _column(new_scale, 0), m_fmt)
-    encode_(exp_avg_sq, v1, _column(new_scale, 1), v_fmt)
+    r_m = r_v = r_w = None
+    if keys is not None:
+        r_m, r_v, r_w = _random_fields(keys, m1)
+    encode_(exp_avg, m1, _column(new_scale, 0), m_fmt, r_m, 32)
+    encode_(exp_avg_sq, v1, _column(new_scale, 1), v_fmt, r_v, 16)
     if master is not None and w_fmt is not None:
         scale_w = _column(new_scale, 2)
-        encode_(master, w1, scale_w, w_fmt)
+        encode_(master, w1, scale_w, w_fmt, r_w, 16)
         w1 = decode(master, torch._foreach_reciprocal(scale_w))  # 1 / 2**k: exact
+    elif r_w is not None and params and params[0].dtype in _PARAM_SR:  # the parameter is its own master
+        spec = SR_SPECS[_PARAM_SR[params[0].dtype]]
+        w1 = [stochastic_grid(w, r, spec, 16) for w, r in zip(w1, r_w)]
     torch._foreach_copy_(params, w1)
+
+
+def _stored_amax(stored: list[torch.Tensor]) -> torch.Tensor:
+    """(n,) fp32 largest stored magnitude of each tensor, in the stored (scaled) domain."""
+    return torch.stack([t.to(torch.float32).abs().amax() for t in stored])
+
+
+def eager_step(grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
+               weights: list[torch.Tensor], coef: torch.Tensor, scale_inv: torch.Tensor, params: list[torch.Tensor],
+               master: list[torch.Tensor] | None, formats: tuple[StateFormat, StateFormat, StateFormat | None],
+               new_scale: torch.Tensor, keys: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor:
+    """The store pass of a bucket (one traced graph when compiled): the update, stored with
+    ``new_scale``, and its (n, 6) fp32 statistics (``_bounds.STATS``; tau: (n,) thresholds on sqrt(v1)).
+    Every gradient is read (decoded to an fp32 copy) before any parameter is written."""
+    new, (root, denom, update) = _update(grads, exp_avg, exp_avg_sq, weights, coef, scale_inv)
+    ratio = []
+    for m1, r, d, u, t in zip(new[0], root, denom, update, tau.unbind(0)):
+        big = r >= t
+        ratio.append(torch.stack([torch.where(big, u.abs(), 0.0).amax(),
+                                  torch.where(big, d, float("inf")).amin(),
+                                  torch.where(big, 0.0, m1.abs()).amax()]))
+    eager_store(new, params, exp_avg, exp_avg_sq, master, formats, new_scale, keys)
+    stored_w = _stored_amax(master) if master is not None else torch.zeros_like(tau)
+    return torch.cat([torch.stack([_stored_amax(exp_avg), _stored_amax(exp_avg_sq), stored_w], dim=1),
+                      torch.stack(ratio)], dim=1).to(torch.float32)

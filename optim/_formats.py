@@ -7,8 +7,8 @@ Scaling per format (a power-of-two scale, ``stored = x * 2**log2_scale``):
     largest element keeps full precision and as few small ones as possible fall into subnormals.
   - bf16 and fp32 share fp32's exponent range: a power-of-two scale would not change a single rounding
     (it only shifts exponents), so they stay unscaled (log2_scale 0) and need no amax.
-Encoding rounds to nearest even; e4m3 is clamped to +-448 first (``fp8train.cast`` semantics), fp16
-cannot overflow because its scale comes from the amax of the very values being encoded.
+Encoding rounds to nearest even, or stochastically (``_rounding``); e4m3 is clamped to +-448 first
+(``fp8train.cast`` semantics); fp16 cannot overflow because its scale keeps the values under 65504.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8train.formats import E4M3, Fp8Format
+from fp8train.optim._rounding import SR_SPECS, stochastic_grid
 
 __all__ = [
     "EXP_AVG_FORMATS",
@@ -87,10 +88,15 @@ def decode(stored: list[torch.Tensor], scale_inv: list[torch.Tensor]) -> list[to
 
 
 def encode_(stored: list[torch.Tensor], values_fp32: list[torch.Tensor], scale: list[torch.Tensor],
-            fmt: StateFormat) -> None:
+            fmt: StateFormat, random: list[torch.Tensor] | None = None, random_bits: int = 32) -> None:
     """stored <- round_to_nearest_even(clamp(values * scale)) in ``fmt``; the clamp (e4m3 only) is
-    ``fp8train.cast.cast_to_fp8_reference``'s, applied to the whole list at once."""
+    ``fp8train.cast.cast_to_fp8_reference``'s, applied to the whole list at once. With ``random``
+    (per tensor, ``random_bits`` uniform bits per element, ``_rounding``) the scaled values are
+    first rounded stochastically onto the format's grid, so the nearest rounding then keeps them."""
     scaled = torch._foreach_mul(values_fp32, scale)
+    if random is not None and fmt.name in SR_SPECS:
+        spec = SR_SPECS[fmt.name]
+        scaled = [stochastic_grid(y, r, spec, random_bits) for y, r in zip(scaled, random)]
     if fmt.dtype == E4M3.dtype:
         torch._foreach_clamp_min_(scaled, -E4M3.max)
         torch._foreach_clamp_max_(scaled, E4M3.max)

@@ -56,6 +56,7 @@ class KernelArgs(ctypes.Structure):
         ("exp_avg_sq_dtype", ctypes.c_int32), ("master_dtype", ctypes.c_int32), ("n_threads", ctypes.c_int32),
         ("w_amax_needed", ctypes.c_int32),
         ("coef", _P), ("scale_inv", _P), ("new_scale", _P), ("amax", _P),
+        ("rounding", ctypes.c_int32), ("sr_key", _P), ("tau", _P), ("stats", _P), ("grad_amax", _P),
     ]
 
 
@@ -158,7 +159,7 @@ def load_kernel(portable: bool = False) -> ctypes.CDLL | None:
             except OSError as err:
                 error = str(err)
                 continue
-            for name in ("fp8adamw_pass1", "fp8adamw_pass2"):
+            for name in ("fp8adamw_pass1", "fp8adamw_store", "fp8adamw_grad_amax"):
                 getattr(lib, name).argtypes = [ctypes.POINTER(KernelArgs)]
                 getattr(lib, name).restype = ctypes.c_int
             return lib  # a loaded library stays mapped when its file is removed

@@ -6,12 +6,16 @@ State per parameter (default dtypes; every one is configurable):
     exp_avg_sq_scaled  v, float16        + exp_avg_sq_log2_scale    2 bytes
     master_scaled      w, float16        + master_log2_scale        2 bytes (absent with master_dtype=None)
     step               number of steps taken (0-d fp32)
+    rounding_key       0-d int64: the parameter's stochastic-rounding key (from ``seed`` and its position)
+    bound_record       (7,) fp32: what the next step's amax bounds need (``_bounds.RECORD``)
 Stored value = x * 2**log2_scale. The keys differ from torch AdamW's "exp_avg" / "exp_avg_sq" on
 purpose (``_eager.STORED_KEYS``): neither optimizer can take the other's state for its own.
 A step decodes the states to fp32 (exact: power-of-two scales), computes the AdamW update in fp32
-(``_eager.py`` gives the formula), and re-encodes m, v and the master with fresh scales from the
-amax of the new values (``fp8train.scaling.amax_to_log2_scale``: the amax maps just under the
-format's max; amax 0 keeps the previous scale). The parameter then
+(``_eager.py`` gives the formula), and re-encodes m, v and the master, reading and writing each
+tensor once: the scales come from upper bounds of the new amaxes known before the pass (``_bounds``:
+from amax(g) and the previous step's record; ``fp8train.scaling.amax_to_log2_scale`` maps the bound
+just under the format's max, a bound 0 keeps the previous scale), so they are the fresh amax scales
+or, where a bound crosses a power of two, one binade coarser. The parameter then
 receives the master's new value (decoded, rounded to the parameter's dtype), or the new fp32 weight
 itself when it is its own master. Numerical consequences (tested against torch.optim.AdamW):
   - fp32 states: the same trajectory as torch.optim.AdamW up to fp32 rounding.
@@ -19,17 +23,28 @@ itself when it is its own master. Numerical consequences (tested against torch.o
     elements below amax * 2**-17 (e4m3's subnormal floor after scaling) flush to 0.
   - fp16 master: 11 significant bits; an update smaller than half an ulp of the weight (2**-11 |w|)
     is lost: with lr 1e-3 that happens where |w| exceeds ~2 |m_hat / sqrt(v_hat)|.
+  - rounding="stochastic" removes those losses on average (``_rounding``): each stored value is one of
+    its two grid neighbours, E[stored] = value, so m_hat, v_hat and the weight's displacement follow
+    AdamW's instead of settling 20-30 % short under steady gradients (tests/test_optim_sr.py).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from fp8train.optim._bucket import Bucket, coef_matrix, compiled_default, fused_eligible, weight_amax_needed
+from fp8train.optim._bounds import RECORD, initial_record
+from fp8train.optim._bucket import (
+    RECORD_KEY,
+    Bucket,
+    coef_matrix,
+    compiled_default,
+    fused_eligible,
+    weight_amax_needed,
+)
 from fp8train.optim._eager import SLOT_NAMES, STORED_KEYS
 from fp8train.optim._formats import (
     EXP_AVG_FORMATS,
@@ -37,17 +52,27 @@ from fp8train.optim._formats import (
     MASTER_FORMATS,
     PARAM_DTYPES,
     StateFormat,
+    decode,
     encode_,
     resolve_format,
 )
+from fp8train.optim._fp8_weights import (
+    Fp8WeightSink,
+    checked_fp8_weights,
+    initial_weight,
+    weight_output,
+    write_fp8_weights_,
+)
 from fp8train.optim._kernel import load_kernel
-from fp8train.optim.config import check_hyperparameters
+from fp8train.optim._rounding import parameter_key, stream_keys
+from fp8train.optim.config import check_hyperparameters, check_rounding
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 
 __all__ = ["Fp8AdamW"]
 
 _OWNER = "Fp8AdamW"
 _SCALE_KEYS = ("step", "exp_avg_log2_scale", "exp_avg_sq_log2_scale", "master_log2_scale")
+_KEY = "rounding_key"  # 0-d int64 per parameter: its stochastic-rounding key (``_rounding``)
 
 
 class Fp8AdamW(torch.optim.Optimizer):
@@ -66,15 +91,28 @@ class Fp8AdamW(torch.optim.Optimizer):
     fused:            None (default): CPU tensors go through the fused C kernel when it can be built
                       here, everything else through torch._foreach ops (identical results);
                       True: require the kernel; False: never use it.
-    compiled:         the foreach path as two torch.compile'd graphs per bucket (one launch-light
-                      step instead of ~20 foreach launches per op): None (default) on accelerators
+    fp8_weights:      {parameter: layer} of FP8 primary weights (``fp8train.Fp8Linear(fp8_weight=True)``,
+                      needs a master): the master starts from the parameter, whose values the layer
+                      then releases; after each step the layer casts the new weight to E4M3, which
+                      the step writes into the parameter's gradient buffer, then frees (grad None)
+                      (optim/_fp8_weights.py).
+    compiled:         the foreach path as a torch.compile'd graph per bucket (one launch-light step
+                      instead of ~20 foreach launches per op): None (default) on accelerators
                       (CUDA), not on CPU; True / False: always / never. Bit-identical on CPU.
+    rounding:         how m, v and the master (or a bf16/fp16 parameter that is its own master) are
+                      re-encoded: "nearest" (round to nearest even) or "stochastic" (unbiased: E[stored]
+                      = value, so EMA increments and updates below half an ulp are not lost on
+                      average; ``_rounding`` gives the rule and the counter-based random bits).
+    seed:             int in [0, 2**32): with the parameter's position over the param groups, the
+                      step count and the element index, determines every random bit (no RNG state;
+                      each parameter's key is kept in its state, so a resumed run continues bit-exactly).
 
     Overflow: a step whose gradients make any new m, v or weight non-finite is skipped as a whole
     (every group, every parameter: states, scales, step counts and parameters stay bit-identical),
     and counted in ``skipped_steps``. A caller that knows of an overflow the optimizer cannot see
     (e.g. agreed across data-parallel ranks, or found by a grad scaler) passes ``found_inf`` to
-    ``step`` to skip the same way. Deciding a skip costs one host read per step (none per tensor).
+    ``step`` to skip the same way. Deciding a skip costs two host reads per bucket (none per tensor),
+    before anything is written: amax(g) finite, then the bounds (or, in a two-pass step, the amaxes).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -83,8 +121,11 @@ class Fp8AdamW(torch.optim.Optimizer):
                  exp_avg_sq_dtype: torch.dtype | str = torch.float16,
                  master_dtype: torch.dtype | str | None = torch.float16,
                  maximize: bool = False, amsgrad: bool = False, fused: bool | None = None,
-                 compiled: bool | None = None) -> None:
+                 compiled: bool | None = None,
+                 fp8_weights: Mapping[torch.Tensor, Fp8WeightSink] | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         check_hyperparameters(_OWNER, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        check_rounding(_OWNER, rounding=rounding, seed=seed)
         if amsgrad is not False:
             raise ValueError(f"{_OWNER}.amsgrad={amsgrad!r} is not supported; allowed values: False "
                              "(a max of v would need a fourth state tensor with its own scale)")
@@ -102,10 +143,14 @@ class Fp8AdamW(torch.optim.Optimizer):
                                "(no working C compiler); use fused=None or False")
         self._fused = fused  # None: decided per bucket at the first step (builds the kernel if needed)
         self._compiled = compiled  # None: decided per bucket by its device
+        self._stochastic = rounding == "stochastic"
+        self._seed = seed
         self._skipped_steps = 0
         self.last_step_skipped = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
+        self._fp8_weights = checked_fp8_weights(_OWNER, fp8_weights, self._all_params(),
+                                                has_master=self._formats[2] is not None)
 
     # ---- configuration ---------------------------------------------------------------------------
 
@@ -122,6 +167,14 @@ class Fp8AdamW(torch.optim.Optimizer):
                 raise ValueError(f"{_OWNER}: a parameter has dtype {p.dtype}; allowed parameter dtypes: "
                                  f"{', '.join(str(d) for d in PARAM_DTYPES)}")
 
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def fp8_weight_params(self) -> list[torch.Tensor]:
+        """The parameters whose layer stores an FP8 primary weight (``fp8_weights``)."""
+        return list(self._fp8_weights)
+
     @property
     def state_formats(self) -> dict[str, str | None]:
         """Storage format names of m, v and the master (None: no master)."""
@@ -129,7 +182,12 @@ class Fp8AdamW(torch.optim.Optimizer):
 
     # ---- state -----------------------------------------------------------------------------------
 
-    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+    def _positions(self) -> dict[int, int]:
+        """id(parameter) -> its index over all param groups (the rounding key's input)."""
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        return {id(p): i for i, p in enumerate(params)}
+
+    def _init_state(self, p: torch.Tensor, position: int) -> dict[str, Any]:
         m_fmt, v_fmt, w_fmt = self._formats
 
         def scalar() -> torch.Tensor:
@@ -143,35 +201,50 @@ class Fp8AdamW(torch.optim.Optimizer):
             STORED_KEYS["exp_avg_sq"]: torch.zeros_like(p, dtype=v_fmt.dtype, **contiguous),
             "exp_avg_sq_log2_scale": scalar(),
             "master_log2_scale": scalar(),
+            _KEY: parameter_key(self._seed, position).to(p.device),
         }
         if w_fmt is not None:
-            p_fp32 = p.detach().to(torch.float32)
+            p_fp32 = initial_weight(p, self._fp8_weights.get(p)).to(torch.float32)
             log2 = amax_to_log2_scale(tensor_to_amax(p_fp32), w_fmt.range) if w_fmt.scaled else scalar()
             master = state[STORED_KEYS["master"]] = torch.empty_like(p, dtype=w_fmt.dtype, **contiguous)
             encode_([master], [p_fp32], [torch.exp2(log2)], w_fmt)
             state["master_log2_scale"] = log2
+        # the next step bounds the new amaxes from this (m = v = 0; the stored master's exact amax)
+        weight_amax = scalar()
+        if w_fmt is not None:
+            stored = state[STORED_KEYS["master"]]
+            weight_amax = tensor_to_amax(decode([stored], [torch.exp2(-state["master_log2_scale"])])[0])
+        state[RECORD_KEY] = initial_record(weight_amax)
+        if p in self._fp8_weights:  # the master is now the only high-precision copy
+            self._fp8_weights[p].release_high_precision_()
         return state
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         members: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        positions = None
         for p in group["params"]:
             if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to update
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{_OWNER} does not support sparse gradients")
             if not self.state[p]:
-                self.state[p] = self._init_state(p)
-            fused = self._fused is not False and fused_eligible(p, p.grad) and load_kernel() is not None
+                positions = positions or self._positions()
+                self.state[p] = self._init_state(p, positions[id(p)])
+            out = weight_output(p, self._fp8_weights.get(p))
+            fused = self._fused is not False and fused_eligible(out, p.grad) and load_kernel() is not None
             members.setdefault((p.device, p.dtype, p.grad.dtype, fused), []).append(p)
         buckets = []
         for (_, _, _, fused), params in members.items():
             states = [self.state[p] for p in params]
             steps = torch.stack([s["step"] for s in states]) + 1
             compiled = compiled_default(params[0].device) if self._compiled is None else self._compiled
-            buckets.append(Bucket(params=params, grads=[p.grad for p in params], states=states,
+            outputs = [weight_output(p, self._fp8_weights.get(p)) for p in params]
+            buckets.append(Bucket(params=outputs, grads=[p.grad for p in params], states=states,
                                   formats=self._formats, coef=coef_matrix(steps, group), fused=fused,
                                   compiled=compiled,
-                                  w_amax_needed=weight_amax_needed(self._formats[2], group)))
+                                  w_amax_needed=weight_amax_needed(self._formats[2], group),
+                                  sr_keys=stream_keys(torch.stack([s[_KEY] for s in states]), steps)
+                                  if self._stochastic else None))
         return buckets
 
     # ---- the step --------------------------------------------------------------------------------
@@ -193,13 +266,35 @@ class Fp8AdamW(torch.optim.Optimizer):
         self.last_step_skipped = found_inf is not None and bool(found_inf)
         if not self.last_step_skipped:
             buckets = [b for group in self.param_groups for b in self._buckets(group)]
-            amaxes = [b.pass1() for b in buckets]  # writes nothing
-            self.last_step_skipped = not all(bool(torch.isfinite(a).all()) for a in amaxes)
-            if not self.last_step_skipped:
+            amaxes = self._amax_bounds(buckets)  # nothing written yet
+            self.last_step_skipped = amaxes is None
+            if amaxes is not None:
                 for bucket, amax in zip(buckets, amaxes):
-                    bucket.pass2(bucket.new_log2_scale(amax))
+                    bucket.store(bucket.new_log2_scale(amax))
+                # every bucket stored: the layers of FP8 primary weights cast their new values
+                write_fp8_weights_((p for g in self.param_groups for p in g["params"] if p.grad is not None),
+                                   self._fp8_weights)
         self._skipped_steps += int(self.last_step_skipped)
         return loss
+
+    @staticmethod
+    def _amax_bounds(buckets: list[Bucket]) -> list[torch.Tensor] | None:
+        """Per bucket, (n, 3) upper bounds of the new amaxes of m, v, w (one-pass step), or their exact
+        values (``pass1``, where a bound is unusable); None when the step must be skipped: a non-finite
+        gradient (then m is non-finite), or a non-finite exact amax. Finite bounds prove the new values
+        finite, so a step with bounds everywhere decides without computing them. Writes nothing."""
+        grad_amax = [b.grad_amax() for b in buckets]  # every gradient read before any write
+        if not all(bool(torch.isfinite(a).all()) for a in grad_amax):
+            return None
+        amaxes = []
+        for bucket, a_g in zip(buckets, grad_amax):
+            bound = bucket.bounds(a_g)
+            usable = bound is not None and bool(torch.isfinite(bound).all())
+            amax = bound if usable else bucket.pass1()
+            if not usable and not bool(torch.isfinite(amax).all()):
+                return None
+            amaxes.append(amax)
+        return amaxes
 
     # ---- monitoring ------------------------------------------------------------------------------
 
@@ -256,15 +351,17 @@ class Fp8AdamW(torch.optim.Optimizer):
                                   weight_decay=group.get("weight_decay"), maximize=group.get("maximize"))
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        states = {p: self._loaded_state(state_dict["state"][saved_id], p)
-                  for saved_id, p in zip(saved_ids, params) if saved_id in state_dict["state"]}
+        states = {p: self._loaded_state(state_dict["state"][saved_id], p, position)
+                  for position, (saved_id, p) in enumerate(zip(saved_ids, params)) if saved_id in state_dict["state"]}
         # nothing has changed so far; torch restores the groups (hyperparameters), then the states go in
         super().load_state_dict({**state_dict, "state": {}})
         for p, state in states.items():
             self.state[p] = state
+            if p in self._fp8_weights:  # the loaded master replaces the parameter's values
+                self._fp8_weights[p].release_high_precision_()
         self._skipped_steps = int(saved.get("skipped_steps", 0))
 
-    def _loaded_state(self, saved: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+    def _loaded_state(self, saved: dict[str, Any], p: torch.Tensor, position: int) -> dict[str, Any]:
         """A checked copy of one parameter's saved state, on its device. A state from another optimizer
         or model must not reach the kernels, which read each state with its configured dtype and the
         parameter's size. States saved before STORED_KEYS existed held the codes under the slot names."""
@@ -286,4 +383,15 @@ class Fp8AdamW(torch.optim.Optimizer):
             if not torch.is_tensor(state.get(key)) or state[key].numel() != 1:
                 raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} must be a 0-d tensor")
             state[key] = state[key].to(torch.float32).reshape(())
+        record = state.get(RECORD_KEY)  # absent in states saved before records: the next step takes two passes
+        if record is not None and not (torch.is_tensor(record) and record.dtype == torch.float32
+                                       and record.shape == (len(RECORD),)):
+            raise ValueError(f"{_OWNER}.load_state_dict: state {RECORD_KEY!r} must be a ({len(RECORD)},) "
+                             "float32 tensor")
+        key = state.get(_KEY)  # states saved before stochastic rounding existed get this optimizer's key
+        if not torch.is_tensor(key) or key.numel() != 1 or key.dtype != torch.int64:
+            if key is not None:
+                raise ValueError(f"{_OWNER}.load_state_dict: state {_KEY!r} must be a 0-d int64 tensor")
+            key = parameter_key(self._seed, position)
+        state[_KEY] = key.reshape(()).to(p.device)
         return state

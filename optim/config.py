@@ -17,7 +17,10 @@ import torch
 from fp8train._validate import check_type
 from fp8train.optim._formats import EXP_AVG_FORMATS, EXP_AVG_SQ_FORMATS, MASTER_FORMATS, resolve_format
 
-__all__ = ["Fp8AdamWConfig", "check_hyperparameters", "check_lr", "state_format_names"]
+__all__ = ["ROUNDING_MODES", "Fp8AdamWConfig", "check_hyperparameters", "check_lr", "check_rounding",
+           "state_format_names"]
+
+ROUNDING_MODES = ("nearest", "stochastic")
 
 # The rules, stated once:
 #   lr, weight_decay: finite >= 0. An infinite lr makes the first update inf * 0 = nan or inf, and
@@ -57,6 +60,16 @@ def check_hyperparameters(owner: str, *, lr: Any, betas: Any, eps: Any, weight_d
     check_type(owner, "maximize", maximize, bool)
 
 
+def check_rounding(owner: str, *, rounding: Any, seed: Any) -> None:
+    """The state's rounding mode and the seed of its random bits (an int in [0, 2**32))."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"{owner}.rounding={rounding!r} is not allowed; allowed values: "
+                         f"{', '.join(repr(m) for m in ROUNDING_MODES)}")
+    check_type(owner, "seed", seed, int)
+    if isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"{owner}.seed={seed!r} is out of range; allowed: integers in [0, 2**32)")
+
+
 def state_format_names(owner: str, *, exp_avg_dtype: Any, exp_avg_sq_dtype: Any,
                        master_dtype: Any) -> dict[str, str | None]:
     """The config names of the three state formats (a torch dtype is accepted and named, as YAML and
@@ -88,6 +101,9 @@ class Fp8AdamWConfig:
     fused:            True: the fused C kernel for CPU tensors (error if it cannot be built);
                       False: the foreach path everywhere; None: the kernel where possible.
     compiled:         the foreach path compiled (torch.compile): None = on accelerators only.
+    rounding:         re-encoding of the states: "nearest" (round to nearest even) | "stochastic"
+                      (unbiased; see ``Fp8AdamW``).
+    seed:             seed of the stochastic rounding's random bits, an int in [0, 2**32).
     """
 
     lr: float = 1e-3
@@ -101,6 +117,8 @@ class Fp8AdamWConfig:
     maximize: bool = False
     fused: bool | None = None
     compiled: bool | None = None
+    rounding: str = "nearest"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         owner = "Fp8AdamWConfig"
@@ -110,15 +128,18 @@ class Fp8AdamWConfig:
                                    master_dtype=self.master_dtype)
         for field, name in names.items():
             object.__setattr__(self, field, name)  # frozen: a dtype becomes its name once, at construction
+        check_rounding(owner, rounding=self.rounding, seed=self.seed)
         for field in ("fused", "compiled"):
             if getattr(self, field) is not None:
                 check_type(owner, field, getattr(self, field), bool)
 
-    def build(self, params: Any):
-        """The optimizer for ``params`` (an iterable of tensors or of param-group dicts)."""
+    def build(self, params: Any, *, fp8_weights: Any = None):
+        """The optimizer for ``params`` (an iterable of tensors or of param-group dicts);
+        ``fp8_weights``: Fp8AdamW's {parameter: layer} of FP8 primary weights."""
         from fp8train.optim.adamw import Fp8AdamW
 
         return Fp8AdamW(params, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
                         weight_decay=self.weight_decay, exp_avg_dtype=self.exp_avg_dtype,
                         exp_avg_sq_dtype=self.exp_avg_sq_dtype, master_dtype=self.master_dtype,
-                        maximize=self.maximize, fused=self.fused, compiled=self.compiled)
+                        maximize=self.maximize, fused=self.fused, compiled=self.compiled,
+                        fp8_weights=fp8_weights, rounding=self.rounding, seed=self.seed)

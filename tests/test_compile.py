@@ -5,6 +5,7 @@ every step; amaxes and losses within fp32 rounding (tier 3)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -141,3 +142,26 @@ def test_a_compiled_model_checkpoints_its_scaling_state() -> None:
     eager.load_state_dict(compiled.state_dict())
     history = eager.h[0].mlp.c_fc.input_scaling.amax_history
     assert int((history > 0).sum()) == 2 and torch.equal(history, compiled.h[0].mlp.c_fc.input_scaling.amax_history)
+
+
+def test_fp8_primary_weights_trace_with_no_graph_break_and_compile_to_the_eager_gradients() -> None:
+    torch.manual_seed(0)
+    model = convert_to_fp8(_gpt(), fp8_weights=True)
+    for m in model.modules():
+        if getattr(m, "fp8_weight", False):
+            m.release_high_precision_()
+    breaks, reasons = _graph_breaks(model)
+    assert breaks == 0, reasons
+    compiled = copy.deepcopy(model)
+    for m in compiled.modules():  # deepcopy materialises the handles: release them again
+        if getattr(m, "fp8_weight", False):
+            m.release_high_precision_()
+    forward = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    idx, targets = _batch(1)
+    _, loss_eager = model(idx, targets)
+    _, loss_compiled = forward(idx, targets)
+    loss_eager.backward()
+    loss_compiled.backward()
+    assert torch.allclose(loss_eager, loss_compiled, rtol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name

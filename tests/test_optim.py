@@ -274,9 +274,13 @@ def test_config_validates_and_builds() -> None:
 
 # ---- monitoring --------------------------------------------------------------------------------
 
-def test_log2_scales_are_fresh_amax_scales_of_the_stored_states() -> None:
-    # Every scaled state fills its format: amax * 2**log2_scale lies in (fmax / 2, fmax]. That is
-    # what "fresh amax-based power-of-two scale" means, checked on the decoded stored values.
+def test_log2_scales_are_amax_bound_scales_of_the_stored_states() -> None:
+    # Every scaled state nearly fills its format: amax * 2**log2_scale lies in [fmax / 4, fmax]. A
+    # one-pass step takes its scales from upper bounds of the new amaxes (optim/_bounds.py), known
+    # before anything is stored: never above fmax (nothing saturates), and one binade coarser than
+    # the fresh amax scale (fmax / 2, fmax] where the bound crosses a power of two that the amax does
+    # not: v's bound is within 2x of its amax (proved in _bounds), m's and the master's are not in
+    # general (cancellation, the update's bound) but stay within it here (measured: >= 0.36 fmax).
     model = _mixed_model()
     opt = Fp8AdamW(model.parameters())
     for _ in range(3):
@@ -291,5 +295,5 @@ def test_log2_scales_are_fresh_amax_scales_of_the_stored_states() -> None:
         for key, fmax in (("exp_avg", 448.0), ("exp_avg_sq", 65504.0), ("master", 65504.0)):
             assert scales[key][i] == state[f"{key}_log2_scale"]
             stored_amax = state[f"{key}_scaled"].float().abs().max()
-            assert fmax / 2 <= stored_amax <= fmax or stored_amax == 0, (key, p.shape)
+            assert fmax / 4 <= stored_amax <= fmax or stored_amax == 0, (key, p.shape)
     assert opt.state_nbytes() > 0

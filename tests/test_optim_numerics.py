@@ -34,7 +34,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 # ---- fused kernel == foreach path --------------------------------------------------------------
 
 def _run(fused: bool, exp_avg_dtype: str, exp_avg_sq_dtype: str, master_dtype: str | None, *,
-         compiled: bool = False) -> list[torch.Tensor]:
+         compiled: bool = False, **optim_kwargs) -> list[torch.Tensor]:
     """Four steps on tensors chosen to reach every code path: three parameter dtypes (three
     buckets), one tensor over the kernel's 64 Ki-element chunk, an empty one, tiny magnitudes (deep
     scales), gradients spanning 10 decades (subnormal e4m3 codes), weight decay and maximize."""
@@ -44,7 +44,7 @@ def _run(fused: bool, exp_avg_dtype: str, exp_avg_sq_dtype: str, master_dtype: s
     params = [nn.Parameter((torch.randn(n) * s).to(dtype)) for n, s, dtype in specs]
     opt = Fp8AdamW([{"params": params[:4]}, {"params": params[4:], "maximize": True, "lr": 3e-3}],
                    lr=1e-2, weight_decay=0.1, exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
-                   master_dtype=master_dtype, fused=fused, compiled=compiled)
+                   master_dtype=master_dtype, fused=fused, compiled=compiled, **optim_kwargs)
     gen = torch.Generator().manual_seed(2)
     for _ in range(4):
         for p in params:

@@ -60,6 +60,8 @@ MISMATCHES = {  # override -> the dotted key the error must name
     "other_seed": (("seed=1",), "seed 0 -> 1"),
     "other_beta2": (("optim.beta2=0.95",), "optim.beta2"),
     "ddp_to_zero": (("parallel.strategy=zero1",), "parallel.strategy 'auto' (ddp) -> 'zero1' (zero)"),
+    "other_rounding": (("precision.optim_state.rounding=stochastic",),
+                       "precision.optim_state.rounding 'nearest' -> 'stochastic'"),
 }
 
 
@@ -88,6 +90,22 @@ def test_steps_schedule_logging_and_batch_changes_still_resume(run_dir, cache_di
     result = train(tiny_config(run_dir, *BASE, "train.steps=7", f"data.cache_dir={cache_dir}", *ALLOWED[case]))
     assert result.step == 7
     assert "resumed from" in capsys.readouterr().out and latest_checkpoint(run_dir).name == "step_00000007"
+
+
+def test_a_checkpoint_saved_before_a_config_field_existed_resumes_with_its_default(run_dir, cache_dir):
+    # a checkpoint of an earlier version has no precision.optim_state.rounding: it rounded to nearest
+    trainer_json = latest_checkpoint(run_dir) / "trainer.json"
+    record = json.loads(trainer_json.read_text())
+    del record["config"]["precision"]["optim_state"]["rounding"]
+    trainer_json.write_text(json.dumps(record))
+    assert train(tiny_config(run_dir, *BASE, "train.steps=7", f"data.cache_dir={cache_dir}")).step == 7
+    trainer_json = latest_checkpoint(run_dir) / "trainer.json"
+    record = json.loads(trainer_json.read_text())
+    del record["config"]["precision"]["optim_state"]["rounding"]
+    trainer_json.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="precision.optim_state.rounding '<absent>' -> 'stochastic'"):
+        train(tiny_config(run_dir, *BASE, "train.steps=8", f"data.cache_dir={cache_dir}",
+                          "precision.optim_state.rounding=stochastic"))
 
 
 def test_zero1_checkpoint_resumes_under_zero2(tmp_path, cache_dir):

@@ -9,8 +9,11 @@ so that bucket's all-gather moves N x (slot size) bytes. Each parameter starts a
 bytes in its slot (so that any dtype can be viewed there). One parameter takes
   - lossless:  numel * element_size bytes, its own dtype's bytes (a uint8 view: bit for bit);
   - FP8:       4 bytes of fp32 scale_inv, then numel bytes of E4M3 codes (``fp8_weight_names``).
+  - FP8 primary weight (``layers``: an ``Fp8Linear(fp8_weight=True)``): the same payload, the codes and
+    scale_inv the owner's optimizer wrote into its layer, copied into every other rank's layer.
 Only the owner writes a parameter's bytes; receivers of lossless parameters copy them, and EVERY rank,
-the owner included, sets an FP8 parameter to its decoded value, so all ranks hold the same bits.
+the owner included, sets an FP8 parameter to its decoded value (an FP8 primary weight: its layer to
+the codes), so all ranks hold the same bits.
 Buckets change where bytes lie, never which bytes: the result is the same as one whole-model bucket.
 Memory: one bucket's temporaries (its slot and the N x slot gather buffer) have their storage
 released (resized to 0 bytes, whoever still references them) before the next is packed, so the
@@ -32,6 +35,11 @@ just under 448) -> E4M3 cast (``cast_to_fp8``: round to nearest even, clamp to +
     NaN on the owner. Not reachable with the required inner optimizer: ``Fp8AdamW`` skips a step that
     would write a non-finite weight. (A NaN code may decode differently on the fast decode path, but
     every rank takes the same path for the same tensor, so the ranks still agree.)
+Exact for the FP8 GEMM: ``Fp8Linear``'s forward (``current`` recipe, margin 0) re-quantizes a decoded
+weight; its amax is max|code| * scale_inv, so its scale is the owner's times 2**k, k >= 0, and
+code * 2**k is again an E4M3 value: the GEMM sees code * scale_inv, no second rounding (a margin or
+a delayed / constant scale below the owner's may round the smallest codes again, on every rank
+alike). Any other reader of such a parameter sees the E4M3 rounding, not the master.
 Decoding (``decode_fp8_into``): code * scale_inv in fp32, exact (a power of two), rounded once to the
 parameter's dtype: exact in fp32 always (scale_inv >= 2**-126 keeps code bits above 2**-149), in
 bf16 unless the amax is below ~2**-116; see comm/zero/optimizer.py for fp16 parameters.
@@ -39,8 +47,9 @@ bf16 unless the amax is below ~2**-116; see comm/zero/optimizer.py for fp16 para
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -50,9 +59,11 @@ from fp8train.cast import cast_to_fp8
 from fp8train.formats import E4M3
 from fp8train.optim import Fp8AdamW
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
+from fp8train.tensor import Fp8Tensor
 
 __all__ = [
     "AllGather",
+    "Fp8WeightLayer",
     "WeightBuckets",
     "WeightGather",
     "encode_fp8_weights_",
@@ -120,8 +131,9 @@ def plan_weight_slots(nbytes: Sequence[int], owner: Sequence[int], order: Sequen
     return list(plan.offsets), plan.slot_bytes[0] if plan.slot_bytes else 0
 
 
-def inner_master_problem(optimizer: torch.optim.Optimizer) -> str | None:
-    """None if ``optimizer`` keeps its own master weight, else what it is instead.
+def inner_master_problem(optimizer: torch.optim.Optimizer, fp8_primary: Sequence[torch.Tensor] = ()) -> str | None:
+    """None if ``optimizer`` keeps its own master weight (and writes the FP8 primary weights
+    ``fp8_primary`` it owns, through ``Fp8AdamW(fp8_weights=...)``), else what it is instead.
 
     Why a master is required, and why ``Fp8AdamW`` with one is safe (read in optim/adamw.py,
     _bucket.py, _eager.py and csrc/fp8adamw.c): such an optimizer reads a parameter's value exactly
@@ -138,6 +150,9 @@ def inner_master_problem(optimizer: torch.optim.Optimizer) -> str | None:
         return f"{type(optimizer).__name__}, which updates the parameter itself"
     if optimizer.state_formats["master"] is None:
         return "Fp8AdamW with master_dtype=None"
+    written = {id(p) for p in optimizer.fp8_weight_params}
+    if any(id(p) not in written for p in fp8_primary):
+        return "Fp8AdamW without fp8_weights for the FP8 primary weights it owns"
     return None
 
 
@@ -167,6 +182,17 @@ def _all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: di
     gather(output, input, group=group)
 
 
+class Fp8WeightLayer(Protocol):
+    """A layer that stores its weight in FP8 (``fp8train.Fp8Linear(fp8_weight=True)``): the owner's
+    optimizer writes its codes; the gather reads them there and writes them into every other rank's."""
+
+    def stored_fp8_weight(self) -> Fp8Tensor: ...
+
+    def set_fp8_weight_(self, codes: torch.Tensor, scale_inv: torch.Tensor) -> None: ...
+
+    def release_high_precision_(self) -> None: ...
+
+
 class WeightGather:
     """The weight all-gather of one ``ZeroOptimizer`` (see the module docstring).
 
@@ -175,19 +201,28 @@ class WeightGather:
     (None: one bucket); all_gather: the collective (tests inject a counting one). ``log2_scales``:
     {index: 0-d fp32 scaling bias} of the FP8 parameters this rank owns, the scale kept when the
     amax is 0, inf or nan. ``plan``: the ``WeightBuckets`` (not checkpointed: rebuilt from the
-    parameters, which is why a checkpoint loads under any bucket_bytes)."""
+    parameters, which is why a checkpoint loads under any bucket_bytes).
+    layers: {index: Fp8WeightLayer} of FP8 primary weights (fp8[i] must be True): their codes and
+    scale_inv travel as they are, from the owner's layer into the others' (no encoding, no decoding)."""
 
     def __init__(self, params: Sequence[torch.Tensor], owner: Sequence[int], order: Sequence[int],
                  fp8: Sequence[bool], *, rank: int, world_size: int, group: dist.ProcessGroup | None,
-                 bucket_bytes: int | None, all_gather: AllGather = _all_gather_into_tensor) -> None:
+                 bucket_bytes: int | None, all_gather: AllGather = _all_gather_into_tensor,
+                 layers: Mapping[int, Fp8WeightLayer] | None = None) -> None:
         self.params, self.owner, self.fp8 = list(params), list(owner), list(fp8)
+        self.layers = dict(layers or {})
+        if any(not self.fp8[i] for i in self.layers):
+            raise ValueError("WeightGather: a layer with an FP8 weight must be marked fp8")
+        for i, layer in self.layers.items():
+            if self.owner[i] != rank:  # only the owner's optimizer needs the value, for its master
+                layer.release_high_precision_()
         self.rank, self.world_size, self.group = rank, world_size, group
         self._all_gather = all_gather
         nbytes = [slot_nbytes(p, f) for p, f in zip(self.params, self.fp8)]
         self.plan = plan_weight_buckets(nbytes, self.owner, order, world_size, bucket_bytes)
         device = self.params[0].device
         self.log2_scales = {i: torch.zeros((), dtype=torch.float32, device=device)
-                            for i in order if self.owner[i] == rank and self.fp8[i]}
+                            for i in order if self.owner[i] == rank and self.fp8[i] and i not in self.layers}
 
     def _raw(self, slot: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -220,7 +255,11 @@ class WeightGather:
         for i in owned:
             if not self.fp8[i]:
                 self._raw(mine, i).copy_(self.params[i])
-        fp8_owned = [i for i in owned if self.fp8[i]]
+            elif i in self.layers:  # FP8 primary weight: the codes the owner's optimizer wrote
+                stored = self.layers[i].stored_fp8_weight()
+                self._codes(mine, i).copy_(stored.data.reshape(-1).view(torch.uint8))
+                self._scale_inv(mine, i).copy_(stored.scale_inv)
+        fp8_owned = [i for i in owned if self.fp8[i] and i not in self.layers]
         encode_fp8_weights_([self.params[i] for i in fp8_owned], [self.log2_scales[i] for i in fp8_owned],
                             [self._codes(mine, i).view(E4M3.dtype).view(self.params[i].shape) for i in fp8_owned],
                             [self._scale_inv(mine, i) for i in fp8_owned])
@@ -232,6 +271,10 @@ class WeightGather:
             if not self.fp8[i]:
                 if self.owner[i] != self.rank:
                     p.copy_(self._raw(slot, i))
+                continue
+            if i in self.layers:
+                if self.owner[i] != self.rank:
+                    self.layers[i].set_fp8_weight_(self._codes(slot, i).view(E4M3.dtype), self._scale_inv(slot, i))
                 continue
             # FP8: the owner too, it must hold the decoded value like everyone else
             out = p.view(-1) if p.is_contiguous() else torch.empty(p.numel(), dtype=p.dtype, device=device)

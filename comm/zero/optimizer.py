@@ -4,10 +4,11 @@ ordinary inner optimizer over their own parameters, then every rank receives the
 
 One ``ZeroOptimizer.step()`` on N ranks:
   stage 1: ``fp8_all_reduce_`` of every gradient (replicated on all ranks);
-  stage 2: gradients ordered by (owner, index), so each owner's tensors are contiguous, and
-           ``fp8_reduce_scatter(requantize=True)`` with owner-aligned bounds: each owner receives
-           bit for bit what the all-reduce would have given it for its tensors (the mean is
-           requantized with the same shared scale); non-owners' gradients are freed (``.grad = None``).
+  stage 2: buckets sorted by owner, ``fp8_reduce_scatter(requantize=True)`` with owner-aligned bounds:
+           owners get bit for bit the all-reduce's mean; non-owned gradients are freed (``.grad = None``).
+           With ``overlap_grad_reduce`` a bucket goes as soon as the backward inside ``last_micro_step()``
+           has accumulated it (comm/zero/_grad_reduce.py): the backward holds the owned gradients and
+           about one bucket; ``step()`` sends what is left (everything without the flag).
   overflow: the comm's ``found_inf`` is the same on every rank (it comes from the MAX-reduced amax),
            so every rank skips the rest of the step identically: no clipping, no optimizer step,
            weights and state untouched, ``skipped_steps`` += 1.
@@ -26,30 +27,13 @@ Because the gradients an owner sees are bit-identical to the replicated path's, 
 optimizer's math is per tensor (``Fp8AdamW``), ZeRO-1/2 reproduce the replicated FP8 path bit for bit
 (with ``fp8_weight_names``: followed by the E4M3 round trip of those parameters after each step).
 
-FP8 compute weights (``fp8_weight_names``; in the trainer the ``.weight`` of every ``Fp8Linear``,
-E4M3 codes and their scale_inv in one payload, comm/zero/_weights.py). Such a parameter costs numel + 4 bytes in the
-all-gather instead of numel * element_size: about 1/4 of the lossless bytes for fp32, 1/2 for bf16.
-The owner quantizes the weight its inner optimizer wrote with a power-of-two scale from the weight's
-own amax (margin 0; amax 0/inf/nan keeps the previous scaling bias, which checkpoints save by name)
-and every rank, the owner included, sets the parameter to code * scale_inv. Numerics:
-  - exact for the FP8 GEMM: ``Fp8Linear``'s forward (``current`` recipe, margin 0) re-quantizes the
-    decoded weight; its amax is max|code| * scale_inv, so its scale is the owner's times 2**k with
-    k >= 0 and max|code| * 2**k <= 448, and code * 2**k is again an E4M3 value (a power of two moves
-    only the exponent; it cannot overflow, and growing never underflows). The GEMM sees exactly the
-    values code * scale_inv, as if the owner's cast had fed it: no second rounding. With a margin
-    m > 0, or a delayed / constant scale smaller than the owner's, the forward divides codes by up
-    to 2**m and may round the smallest ones again (identically on every rank);
-  - any other consumer of such a parameter (none for Linear weights; a tied embedding would be one)
-    sees the E4M3-rounded value (relative error <= 2**-4, elements below amax * 2**-17 flushed to 0),
-    not the optimizer's master;
-  - the decoded value is exact in fp32 parameters, in bf16 unless the amax is below ~2**-116; fp16
-    parameters round the smallest codes of a weight whose amax is below 448 * 2**-16 ~ 0.0068 (fp16's
-    subnormal floor is 2**-24), and |w| >= 63488 would decode to 65536 = inf: FP8 weights are meant
-    for fp32 / bf16 parameters;
-  - it requires an inner optimizer with its own master weight (``Fp8AdamW`` with master_dtype fp16,
-    bf16 or fp32; checked at construction, ValueError on every rank): that optimizer never reads a
-    parameter after its first step, so the rounding does not feed back into training (the reasoning
-    is at ``comm._weights.inner_master_problem``).
+FP8 weights travel as E4M3 codes plus their fp32 scale_inv (numel + 4 bytes instead of numel *
+element_size): FP8 primary weights (``fp8_weight_layers``, the trainer's ``precision.fp8_weights``)
+as the owner's ``Fp8AdamW`` wrote them into its layer, copied into every other rank's layer; or
+(``fp8_weight_names``) a high-precision parameter the owner encodes (margin-0 power-of-two scale from
+its amax) and every rank decodes, exact for the forward's ``current`` re-cast. Both need an inner
+optimizer with its own master weight (``Fp8AdamW``, master_dtype not None; checked on every rank).
+The numerics of each: comm/zero/_weights.py and ``inner_master_problem``.
 
 Weights and gradients are bucketed by one knob, ``Fp8CommConfig.bucket_bytes`` (for the weights:
 each rank's slot per all-gather; temporaries ~N x max(bucket_bytes, largest parameter), freed
@@ -64,7 +48,8 @@ where DdpStrategy skips (a per-step norm collective is not worth it); weights st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,13 +58,13 @@ import torch.distributed as dist
 
 from fp8train._validate import check_choice, check_type
 from fp8train.comm._agree import failed_ranks, run_collectively
-from fp8train.comm._layout import FlatLayout, plan_buckets
-from fp8train.comm.allreduce import fp8_all_reduce_, fp8_reduce_scatter
+from fp8train.comm.allreduce import fp8_all_reduce_
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.stats import CommStats
 from fp8train.comm.zero._clip import clip_owned_grads_
+from fp8train.comm.zero._grad_reduce import GradReduceScatter
 from fp8train.comm.zero._named_state import load_named_state, named_state, optimizer_formats
-from fp8train.comm.zero._weights import WeightGather, inner_master_problem
+from fp8train.comm.zero._weights import Fp8WeightLayer, WeightGather, inner_master_problem
 from fp8train.comm.zero.partition import Partition, partition_parameters
 
 __all__ = [
@@ -94,9 +79,10 @@ __all__ = [
 _OWNER = "ZeroConfig"
 
 # Fp8AdamW with its default formats: m e4m3 (1 byte) + v fp16 (2) + master fp16 (2) per element,
-# and four 0-d fp32 tensors per parameter (step, and the log2 scales of m, v and the master).
+# and per parameter four 0-d fp32 tensors (step, the log2 scales of m, v and the master), its 0-d
+# int64 rounding key and its (7,) fp32 bound record (optim/_bounds.py): 16 + 8 + 28 bytes.
 FP8_ADAMW_STATE_BYTES_PER_ELEMENT = 5
-FP8_ADAMW_STATE_BYTES_PER_TENSOR = 16
+FP8_ADAMW_STATE_BYTES_PER_TENSOR = 52
 
 
 @dataclass(kw_only=True, slots=True)
@@ -108,11 +94,15 @@ class ZeroConfig:
     max_grad_norm:    clip gradients so that their global L2 norm (over all parameters, in
                       gradient units, accumulated in fp32) is at most this; a non-finite norm
                       skips the step. None: no clipping, and no norm computed.
+    overlap_grad_reduce: stage 2: reduce-scatter each gradient bucket from the last micro-step's
+                      backward (``ZeroOptimizer.last_micro_step``), freeing non-owned gradients as
+                      it goes; False: all in ``step()``. The same bits either way. Stage 1 ignores it.
     """
 
     stage: int = 2
     comm: Fp8CommConfig = field(default_factory=Fp8CommConfig)
     max_grad_norm: float | None = None
+    overlap_grad_reduce: bool = True
 
     def __post_init__(self) -> None:
         check_type(_OWNER, "stage", self.stage, int)
@@ -125,6 +115,7 @@ class ZeroConfig:
             if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
                 raise ValueError(f"{_OWNER}.max_grad_norm={self.max_grad_norm!r} is out of range; "
                                  "allowed: None or a finite number > 0")
+        check_type(_OWNER, "overlap_grad_reduce", self.overlap_grad_reduce, bool)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -169,12 +160,16 @@ class ZeroOptimizer:
                        scale_inv and is replaced on every rank by that rounding (module docstring);
                        e.g. the ``.weight`` of every ``Fp8Linear``. Needs an inner optimizer with a
                        master weight (``Fp8AdamW``, master_dtype not None). Empty: all lossless.
+    fp8_weight_layers: {name: layer} of FP8 primary weights (``Fp8Linear(fp8_weight=True)``): their
+                       codes travel as the owner's optimizer wrote them into the layer (``Fp8AdamW``
+                       with ``fp8_weights``), into every other rank's layer; non-owners release them.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]],
                  optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], *,
                  config: ZeroConfig, group: dist.ProcessGroup | None = None,
-                 fp8_weight_names: Iterable[str] = ()) -> None:
+                 fp8_weight_names: Iterable[str] = (),
+                 fp8_weight_layers: Mapping[str, Fp8WeightLayer] | None = None) -> None:
         if not isinstance(config, ZeroConfig):
             raise ValueError(f"ZeroOptimizer.config={config!r} has type {type(config).__name__}; expected ZeroConfig")
         named = list(named_params)
@@ -192,7 +187,8 @@ class ZeroOptimizer:
         if isinstance(fp8_weight_names, str):
             raise ValueError(f"ZeroOptimizer.fp8_weight_names={fp8_weight_names!r} is one string; "
                              "expected an iterable of parameter names")
-        fp8_names = set(fp8_weight_names)
+        layers = dict(fp8_weight_layers or {})
+        fp8_names = set(fp8_weight_names) | set(layers)
         unknown = sorted(fp8_names - {n for n, _ in named})
         if unknown:
             raise ValueError(f"ZeroOptimizer.fp8_weight_names: {unknown[0]!r} is not the name of a parameter "
@@ -216,9 +212,13 @@ class ZeroOptimizer:
         self._weights = WeightGather(self.params, self.partition.owner, self._by_owner,
                                      [n in fp8_names for n in self.names],
                                      rank=self.rank, world_size=self.world_size, group=group,
-                                     bucket_bytes=config.comm.bucket_bytes)
+                                     bucket_bytes=config.comm.bucket_bytes,
+                                     layers={i: layers[n] for i, n in enumerate(self.names) if n in layers})
         if fp8_names:
             self._check_inner_master()
+        self._grads = GradReduceScatter(self.names, self.params, self.partition.owner, rank=self.rank,
+                                        world_size=self.world_size, group=group, config=config.comm,
+                                        in_backward=config.stage == 2 and config.overlap_grad_reduce)
         self._skipped_steps = 0
         self._calls = 0
         self.last_step_skipped = False
@@ -292,6 +292,7 @@ class ZeroOptimizer:
     # ---- the step --------------------------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grads.reset()
         for p in self.params:
             if p.grad is None:
                 continue
@@ -299,6 +300,22 @@ class ZeroOptimizer:
                 p.grad = None
             else:
                 p.grad.detach_().zero_()
+
+    @contextmanager
+    def last_micro_step(self) -> Iterator[None]:
+        """Context of the last micro-step's forward + backward (the one before ``step()``): with stage 2
+        and ``overlap_grad_reduce``, each gradient bucket is reduce-scattered as soon as this backward
+        has accumulated it, and the non-owned gradients are freed (comm/zero/_grad_reduce.py); ``step()``
+        sends what is left. One backward inside; every rank must use it alike. Otherwise a no-op."""
+        self._grads.arm(self._quant_stats_now())
+        try:
+            yield
+        finally:
+            self._grads.disarm()
+
+    def _quant_stats_now(self) -> bool:  # this step's comm counts saturated / underflowed elements
+        every = self.config.comm.stats_every
+        return every > 0 and self._calls % every == 0
 
     @torch.no_grad()
     def step(self) -> ZeroStepResult:
@@ -310,15 +327,14 @@ class ZeroOptimizer:
         A parameter without a gradient on some rank raises RuntimeError on EVERY rank (naming the
         parameter there, the failing rank elsewhere) at no cost to a good step: it travels as NaN, so
         every rank takes the found_inf path, where one all_reduce tells it from an overflow."""
-        grads, missing = self._gradients()
-        every = self.config.comm.stats_every
-        quant_stats = every > 0 and self._calls % every == 0
+        quant_stats = self._quant_stats_now()
         self._calls += 1
         if self.config.stage == 1:
+            grads, missing = self._gradients()
             comm = fp8_all_reduce_(grads, config=self.config.comm, group=self.group, quant_stats=quant_stats)
             comm.tensor_names = tuple(n for n, g in zip(self.names, grads) if g.numel() > 0)  # plan_buckets' order
-        else:
-            comm = self._reduce_scatter_(grads, quant_stats)
+        else:  # stage 2: the buckets the backward has not sent (comm/zero/_grad_reduce.py)
+            comm, missing = self._grads.finish(quant_stats)
         self.last_grad_norm = None
         if comm.found_inf:  # agreed on every rank: all of them come here
             if ranks := failed_ranks(bool(missing), device=self.params[0].device, group=self.group):
@@ -338,7 +354,7 @@ class ZeroOptimizer:
         return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm, weight_bytes_sent=weight_bytes)
 
     def _gradients(self) -> tuple[list[torch.Tensor], list[str]]:
-        """Every parameter's gradient, a NaN stand-in for a missing one (see ``step``), and the names
+        """Stage 1: each parameter's gradient, a NaN stand-in for a missing one (see ``step``), and the names
         of the missing ones. An empty parameter has nothing to synchronise: a missing gradient of one
         becomes an empty zero gradient."""
         grads, missing = [], []
@@ -358,33 +374,6 @@ class ZeroOptimizer:
         self._skipped_steps += 1
         return ZeroStepResult(skipped=True, grad_norm=self.last_grad_norm, comm=comm)
 
-    def _reduce_scatter_(self, grads: list[torch.Tensor], quant_stats: bool) -> CommStats:
-        """Stage 2: owners' ``.grad`` replaced by the mean (in the gradient's dtype), others freed."""
-        ordered = [grads[i] for i in self._by_owner]
-        total = CommStats()
-        for bucket in plan_buckets(ordered, self.config.comm.bucket_bytes):
-            tensors = [ordered[j] for j in bucket]
-            owners = [self.partition.owner[self._by_owner[j]] for j in bucket]
-            bounds = FlatLayout.of(tensors).owner_bounds(owners, self.world_size)
-            assert bounds is not None  # ordered by owner, so any consecutive run is too
-            chunk, stats = fp8_reduce_scatter(tensors, bounds, config=self.config.comm, group=self.group,
-                                              quant_stats=quant_stats, requantize=True)
-            stats.tensor_names = tuple(self.names[self._by_owner[j]] for j in bucket)
-            total = total.merge(stats)
-            if stats.found_inf:  # the same verdict on every rank: all stop sending here
-                break
-            pos = 0
-            for g, owner in zip(tensors, owners):
-                if owner == self.rank:  # the chunk is this rank's tensors end to end, in bucket order
-                    # fp32 FP8 value times a power-of-two scale_inv: exact in the gradient's dtype, save
-                    # a mean E4M3-rounded past the dtype's max, which fp8_reduce_scatter saturated
-                    g.copy_(chunk[pos:pos + g.numel()].view(g.shape))
-                    pos += g.numel()
-        for i, p in enumerate(self.params):
-            if self.partition.owner[i] != self.rank:
-                p.grad = None
-        return total
-
     # ---- weights (the all-gather itself: comm/zero/_weights.py) ---------------------------------------
 
     def _check_inner_master(self) -> None:
@@ -393,7 +382,8 @@ class ZeroOptimizer:
         so that every rank raises (none is left waiting in a later collective)."""
         problem = None
         if self.optimizer is not None and any(self._weights.fp8[i] for i in self._owned):
-            problem = inner_master_problem(self.optimizer)
+            problem = inner_master_problem(self.optimizer, [self.params[i] for i in self._owned
+                                                            if i in self._weights.layers])
         if ranks := failed_ranks(problem is not None, device=self.params[0].device, group=self.group):
             got = problem or f"not so on rank(s) {ranks}"
             raise ValueError("ZeroOptimizer.fp8_weight_names needs an inner optimizer that keeps its own master "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -55,14 +55,19 @@ def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[d
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, *,
+                    fp8_weights: Mapping[nn.Parameter, Any] | None = None) -> torch.optim.Optimizer:
     """torch AdamW or Fp8AdamW (``precision.optimizer``) over ``params`` with ``optim``'s settings;
-    the learning rate is set every step by the schedule."""
+    the learning rate is set every step by the schedule. ``fp8_weights``: {parameter: Fp8Linear}
+    of FP8 primary weights, those of ``params`` handed to Fp8AdamW."""
     o = cfg.optim
+    params = list(params)
     groups = _param_groups(params, o.weight_decay)
     if cfg.precision.optimizer == "fp8_adamw":
         s = cfg.precision.optim_state
         return Fp8AdamWConfig(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                               exp_avg_dtype=s.exp_avg_dtype, exp_avg_sq_dtype=s.exp_avg_sq_dtype,
-                              master_dtype=s.master_dtype).build(groups)
+                              master_dtype=s.master_dtype, rounding=s.rounding,
+                              seed=cfg.seed % 2**32).build(groups, fp8_weights={
+                                  p: fp8_weights[p] for p in params if p in (fp8_weights or {})})
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)

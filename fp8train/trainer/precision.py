@@ -7,7 +7,8 @@ The presets (``configs/precision/*.yaml``), each adding to the one before:
   fp8_o1  FP8 GEMMs (E4M3 forward, E5M2 output gradients) + FP8 gradient all-reduce with a
           globally-synced per-tensor scale (fp8train.comm).
   fp8_o2  + Fp8AdamW: E4M3 first moment, FP16 second moment, FP16 scaled master weights.
-  fp8_o3  + whole-tensor ZeRO-2, whose owners all-gather the FP8 compute weights (E4M3 + scale).
+  fp8_o3  + whole-tensor ZeRO-2 and FP8 primary weights (E4M3 + scale, 1 byte per element; the
+          master lives only in Fp8AdamW on the owner, which all-gathers the codes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fp8train.config import Fp8Config
 from fp8train.convert import FP8_DIM_MULTIPLE, conversion_targets, convert_to_fp8
 from fp8train.errors import ConfigError
 from fp8train.linear import Fp8Linear
-from fp8train.optim import state_format_names
+from fp8train.optim.config import check_rounding, state_format_names
 from fp8train.te import convert_to_te, te_forward_context, te_recipe_kwargs
 from fp8train.trainer.bf16 import bf16_autocast, convert_to_bf16_emulated
 
@@ -38,13 +39,18 @@ class OptimStateConfig:
     """Storage formats of Fp8AdamW's state (used when ``PrecisionConfig.optimizer="fp8_adamw"``):
     exp_avg_dtype "e4m3" | "bf16" | "fp16" | "fp32"; exp_avg_sq_dtype "fp16" | "bf16" | "fp32";
     master_dtype "fp16" | "bf16" | "fp32" | None (the parameter itself is the master). The allowed
-    names are fp8train.optim's (``EXP_AVG_FORMATS`` ...), checked by its ``state_format_names``."""
+    names are fp8train.optim's (``EXP_AVG_FORMATS`` ...), checked by its ``state_format_names``.
+    rounding: how the states are re-encoded each step: "nearest" (round to nearest even) |
+    "stochastic" (unbiased; its random bits come from the run's ``seed``, the step and the parameter,
+    so runs and resumes stay bit-exact)."""
 
     exp_avg_dtype: str = "e4m3"
     exp_avg_sq_dtype: str = "fp16"
     master_dtype: str | None = "fp16"
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
+        check_rounding("OptimStateConfig", rounding=self.rounding, seed=0)
         names = state_format_names("OptimStateConfig", exp_avg_dtype=self.exp_avg_dtype,
                                    exp_avg_sq_dtype=self.exp_avg_sq_dtype, master_dtype=self.master_dtype)
         for field_name, name in names.items():
@@ -60,8 +66,10 @@ class PrecisionConfig:
                  amax sync per bucket, FP8 on the wire, fp32 sums).
     optimizer:   "adamw" (torch.optim.AdamW) | "fp8_adamw" (fp8train.optim.Fp8AdamW, formats in
                  ``optim_state``).
-    fp8_weights: ZeRO owners all-gather the FP8 linear weights (E4M3 + scale) instead of the
-                 high-precision ones; needs parallel zero1/zero2 and fp8_adamw with a master.
+    fp8_weights: FP8 primary weights: every Fp8Linear stores its weight as E4M3 + a power-of-two
+                 scale (1 byte per element), the high-precision master lives only in Fp8AdamW,
+                 which writes the FP8 weight after each step, and ZeRO owners all-gather those
+                 codes; needs parallel zero1/zero2 and fp8_adamw with a master.
     fp8_converter: with gemm="fp8", what replaces the Linear layers: "native" (Fp8Linear, GEMMs on
                  ``fp8.backend``) | "te" (Transformer Engine's Linear, CUDA only; forward under its
                  fp8_autocast with the recipe made from ``fp8``; its scaling state is in the
@@ -129,7 +137,7 @@ def _apply_fp8(model: nn.Module, cfg: PrecisionConfig,
         # TE reduces amaxes over fp8_group: with the world every rank holds the same amax history,
         # so the model.pt that one rank writes carries every rank's delayed-scaling state.
         return te_forward_context(cfg.fp8, fp8_group=dist.group.WORLD if dist.is_initialized() else None)
-    convert_to_fp8(model, config=cfg.fp8)
+    convert_to_fp8(model, config=cfg.fp8, fp8_weights=cfg.fp8_weights)
     if not fp8_weight_names(model):
         _no_fp8_layer(model)
     if device.type == "cuda":
@@ -150,3 +158,9 @@ def _no_fp8_layer(model: nn.Module) -> None:
 def fp8_weight_names(model: nn.Module) -> list[str]:
     """Parameter names of the Fp8Linear weights (what ``fp8_weights`` gathers in FP8)."""
     return [f"{fqn}.weight" if fqn else "weight" for fqn, m in model.named_modules() if isinstance(m, Fp8Linear)]
+
+
+def fp8_weight_layers(model: nn.Module) -> dict[str, Fp8Linear]:
+    """{parameter name: layer} of the Fp8Linear layers that store their weight in FP8."""
+    return {f"{fqn}.weight" if fqn else "weight": m for fqn, m in model.named_modules()
+            if isinstance(m, Fp8Linear) and m.fp8_weight}

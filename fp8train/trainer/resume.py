@@ -85,9 +85,12 @@ def check_resume_config(saved: Mapping[str, Any] | None, cfg: TrainConfig, check
         return
     new = json.loads(json.dumps(train_config_to_mapping(cfg)))  # as trainer.json holds it (tuples are lists)
     old_flat, new_flat = _flatten(saved), _flatten(new)
+    # a field added since the checkpoint was saved, set to its default, is what that run did
+    defaults = _flatten(json.loads(json.dumps(train_config_to_mapping(train_config_from_mapping({})))))
     diffs = [f"{k} {old_flat.get(k, _ABSENT)!r} -> {new_flat.get(k, _ABSENT)!r}"
              for k in sorted(old_flat.keys() | new_flat.keys())
-             if _fixed(k) and old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT)]
+             if _fixed(k) and old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT)
+             and not (k not in old_flat and k in defaults and new_flat.get(k) == defaults[k])]
     if _layout(saved) != _layout(new):
         diffs.append(f"parallel.strategy {saved.get('parallel', {}).get('strategy')!r} ({_layout(saved)}) -> "
                      f"{new['parallel']['strategy']!r} ({_layout(new)})")

@@ -35,7 +35,7 @@ from fp8train.optim import Fp8AdamW
 from fp8train.trainer.build import build_optimizer
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
-from fp8train.trainer.precision import fp8_weight_names
+from fp8train.trainer.precision import fp8_weight_layers
 
 __all__ = ["DdpStrategy", "StepOutcome", "Strategy", "ZeroStrategy", "build_strategy"]
 
@@ -180,15 +180,18 @@ class DdpStrategy:
 
 class ZeroStrategy:
     """Whole-tensor ZeRO-1/2 (fp8train.comm.ZeroOptimizer): no DDP wrapper; gradients accumulate
-    locally and ``step`` synchronises them in FP8; with ``precision.fp8_weights`` the owners
+    locally and are synchronised in FP8 (stage 2: during the last micro-step's backward, bucket by
+    bucket; stage 1: in ``step``); with ``precision.fp8_weights`` the owners
     all-gather the FP8 linear weights."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, env: DistEnv, stage: int) -> None:
         self.model, self.env, self.module = model, env, model
         zero_cfg = ZeroConfig(stage=stage, comm=cfg.precision.comm, max_grad_norm=cfg.optim.max_grad_norm)
-        fp8_names = fp8_weight_names(model) if cfg.precision.fp8_weights else []
-        self.zero = ZeroOptimizer(model.named_parameters(), lambda owned: build_optimizer(owned, cfg),
-                                  config=zero_cfg, fp8_weight_names=fp8_names)
+        layers = fp8_weight_layers(model)  # FP8 primary weights (precision.fp8_weights)
+        by_param = {layer.weight: layer for layer in layers.values()}
+        self.zero = ZeroOptimizer(model.named_parameters(),
+                                  lambda owned: build_optimizer(owned, cfg, fp8_weights=by_param),
+                                  config=zero_cfg, fp8_weight_layers=layers)
         self.last_comm: CommStats | None = None  # the gradient sync's stats of the last step
 
     @property
@@ -197,7 +200,9 @@ class ZeroStrategy:
         return self.zero.optimizer
 
     def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
-        return nullcontext()  # gradients are synchronised in step()
+        # earlier micro-steps accumulate locally; the last one's backward reduce-scatters bucket by
+        # bucket (stage 2, ZeroConfig.overlap_grad_reduce) and step() sends whatever is left
+        return self.zero.last_micro_step() if sync else nullcontext()
 
     def set_lr(self, lr: float) -> None:
         if self.zero.optimizer is not None:
