@@ -57,7 +57,8 @@ def _worker(rank: int, world: int, strategy_name: str) -> dict:
     ref = _model(cfg, env)
     _loss(ref, rank).backward()
     names = [f"{fqn}.weight" for fqn, m in ref.named_modules() if isinstance(m, Fp8Linear)]
-    amax = torch.stack([dict(ref.named_parameters())[n].grad.abs().max() for n in names])
+    local_amax = torch.stack([dict(ref.named_parameters())[n].grad.abs().max() for n in names])
+    amax = local_amax.clone()
     dist.all_reduce(amax, op=dist.ReduceOp.MAX)
     expected = {n: _bias(a) for n, a in zip(names, amax)}
 
@@ -70,8 +71,9 @@ def _worker(rank: int, world: int, strategy_name: str) -> dict:
         _loss(strategy.module, rank).backward()
     params = dict(model.named_parameters())
     # what the old metric recomputed: from .grad as it is after backward (DDP: the reduced mean; ZeRO:
-    # this rank's local gradient)
-    old = {n: _bias(params[n].grad.abs().max()) for n in names}
+    # this rank's local gradient, which ZeRO-2 now frees during the backward when another rank owns it)
+    old = {n: _bias(params[n].grad.abs().max()) if strategy_name == "ddp" else _bias(a)
+           for n, a in zip(names, local_amax)}
     metrics = hook.after_step(1, strategy.step())
     keys = {n: "fp8/{}/wgrad/scaling_bias/{}".format(*layer_key(n.removesuffix(".weight"))) for n in names}
     return {"expected": expected, "old": old, "logged": {n: metrics.get(k) for n, k in keys.items()},
