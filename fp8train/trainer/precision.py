@@ -8,7 +8,8 @@ The presets (``configs/precision/*.yaml``), each adding to the one before:
           globally-synced per-tensor scale (fp8train.comm).
   fp8_o2  + Fp8AdamW: E4M3 first moment, FP16 second moment, FP16 scaled master weights.
   fp8_o3  + whole-tensor ZeRO-2 and FP8 primary weights (E4M3 + scale, 1 byte per element; the
-          master lives only in Fp8AdamW on the owner, which all-gathers the codes).
+          master lives only in Fp8AdamW on the owner, which all-gathers the codes), and stochastic
+          rounding of Fp8AdamW's state (unbiased; bench/accuracy.py).
 """
 
 from __future__ import annotations
