@@ -3,13 +3,13 @@ parameter and gradient dtypes), with the per-tensor coefficients and scales of t
 
 The step of a bucket reads every tensor once: the scales come from upper bounds of the new amaxes
 (``_bounds``: each step records a few numbers per tensor, the next one bounds its new values with them
-and amax(g)), so the one store pass computes the update, stores it and records. Its only other read
-is amax(g) (``grad_amax``), finished before the store pass starts (the store pass may write an FP8
-primary weight into the gradient's buffer). The optimizer decides (over all buckets) whether the
-step is skipped before any bucket writes. A bucket whose bounds are unusable (no record yet, e.g. a
-state saved before records existed; non-finite bounds) takes two passes: ``pass1`` computes the exact
-amax of the new values without writing, the store pass then stores with those fresh scales (and
-records, so the next step is one pass again).
+and amax(g)), so the one store pass computes the update, stores it and records. Its only other read is
+amax(g) (``grad_amax``; none where the caller gives an upper bound of it), finished before the store
+pass starts (the store pass may write an FP8 primary weight into the gradient's buffer). The optimizer
+decides (over all buckets) whether the step is skipped before any bucket writes. A bucket whose bounds
+are unusable (no record yet, e.g. a state saved before records existed; non-finite bounds) takes two
+passes: ``pass1`` computes the exact amax of the new values without writing, the store pass then stores
+with those fresh scales (and records, so the next step is one pass again).
 
 The foreach path can run compiled (``compiled``; by default on accelerators): each pass is one
 ``torch.compile``d graph over the whole bucket, so inductor fuses the ~20 foreach ops of a step into
@@ -33,7 +33,8 @@ from fp8train.optim._formats import PARAM_DTYPES, StateFormat
 from fp8train.optim._kernel import KernelArgs, load_kernel
 from fp8train.scaling import amax_to_log2_scale
 
-__all__ = ["RECORD_KEY", "Bucket", "coef_matrix", "compiled_default", "fused_eligible", "weight_amax_needed"]
+__all__ = ["RECORD_KEY", "Bucket", "coef_matrix", "compiled_default", "fused_eligible", "given_amax",
+           "weight_amax_needed"]
 
 _NO_MASTER = -1
 _M, _V, _W = STORED_KEYS["exp_avg"], STORED_KEYS["exp_avg_sq"], STORED_KEYS["master"]
@@ -70,6 +71,18 @@ def weight_amax_needed(master_fmt: StateFormat | None, group: dict[str, Any]) ->
         return True
     lr, beta1, eps = float(group["lr"]), group["betas"][0], group["eps"]
     return not (eps > 0 and lr / ((1.0 - beta1) * eps) < 1e18 and lr * group["weight_decay"] <= 1.0)
+
+
+def given_amax(params: list[torch.Tensor], grad_amax: Any) -> torch.Tensor | None:
+    """(n,) fp32 caller-given upper bounds of max |grad| of ``params`` (``Fp8AdamW.step(grad_amax=)``),
+    or None unless the mapping has one for every parameter (the bucket then reads its gradients)."""
+    if grad_amax is None or not all(p in grad_amax for p in params):
+        return None
+    device = params[0].device  # where the bucket's own amax(g) would be (``grad_amax``)
+    values = [grad_amax[p] for p in params]
+    if all(torch.is_tensor(v) and v.dim() == 0 and v.dtype == torch.float32 and v.device == device for v in values):
+        return torch.stack(values).detach()  # the usual case: one op for the bucket
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).to(device) for v in values])
 
 
 def fused_eligible(param: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -122,6 +135,7 @@ class Bucket:
     compiled: bool = False
     w_amax_needed: bool = True
     sr_keys: torch.Tensor | None = None  # (n, 2) int64 stream keys: stochastic rounding; None: nearest
+    given_grad_amax: torch.Tensor | None = None  # (n,) fp32 caller's upper bounds of max |g| (``given_amax``)
     log2_scale: torch.Tensor = field(init=False)  # (n, 3) fp32 scaling biases in use: m, v, master
 
     def __post_init__(self) -> None:
@@ -147,7 +161,10 @@ class Bucket:
     # ---- before any write: amax(g), bounds, or pass 1 ----------------------------------------------
 
     def grad_amax(self) -> torch.Tensor:
-        """(n,) fp32 max |g| per tensor; non-finite where a gradient is (one read of each gradient)."""
+        """(n,) fp32 max |g| per tensor; non-finite where a gradient is (one read of each gradient), or
+        the caller's upper bounds of it: the bounds only need max |g| from above."""
+        if self.given_grad_amax is not None:
+            return self.given_grad_amax
         if self.fused:
             out = torch.zeros(len(self.params), dtype=torch.float32)
             self._call_kernel("fp8adamw_grad_amax", grad_amax=out)

@@ -1,4 +1,4 @@
-"""The fused CPU step: build the C kernel ``csrc/fp8adamw.c`` once per machine and call it.
+"""The fused CPU step: build the C kernel ``csrc/fp8adamw.c`` (and its headers) once per machine and call it.
 
 Why C and not ``torch.compile``: with AVX2 (this project's CPUs), inductor loads 1-byte elements
 through a ``memcpy`` slow path, turns writes into slices of one output into a select chain over the
@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.resources
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -35,15 +36,33 @@ __all__ = ["KernelArgs", "kernel_cache_dir", "load_kernel"]
 _BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")
 # -ffp-contract=off: no FMA contraction, so every operation rounds once, as in the eager path.
 # -fno-math-errno / -fno-trapping-math: let sqrtf and the selects vectorise; no result changes.
-_ISA_FLAGS = {"AVX2": ("-mavx2", "-mfma", "-mf16c"), "AVX512": ("-mavx2", "-mfma", "-mf16c")}
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+# per torch's CPU capability, the flag sets to try, best first (a compiler without AVX-512 falls back to AVX2)
+_ISA_FLAGS = {"AVX2": (_AVX2,), "AVX512": ((*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), _AVX2)}
 
 _P = ctypes.c_void_p
 
 
+_INCLUDE = re.compile(r'^#include "(fp8adamw_\w+\.h)"$', re.MULTILINE)
+
+
 @functools.cache
 def _source() -> str:
-    """The kernel's C source, shipped as package data of fp8train.optim."""
-    return importlib.resources.files("fp8train.optim").joinpath("csrc/fp8adamw.c").read_text()
+    """The kernel's C source (package data of fp8train.optim): ``csrc/fp8adamw.c`` with each of its local
+    headers inlined at its first ``#include "..."`` (later ones dropped; the headers are guarded anyway),
+    one translation unit compiled from one temporary file; the cache key hashes this text, so every
+    source file."""
+    csrc = importlib.resources.files("fp8train.optim").joinpath("csrc")
+    seen: set[str] = set()
+
+    def inline(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _INCLUDE.sub(inline, csrc.joinpath(name).read_text())
+
+    return _INCLUDE.sub(inline, csrc.joinpath("fp8adamw.c").read_text())
 
 
 class KernelArgs(ctypes.Structure):
@@ -132,6 +151,7 @@ def _load(cache: Path, cc: str, flags: tuple[str, ...], *, trusted_dir: bool) ->
 def load_kernel(portable: bool = False) -> ctypes.CDLL | None:
     """The compiled kernel, or None (with a warning) when it cannot be built here. ``portable``
     builds it without the AVX2 code (what machines without AVX2 run; used by the tests).
+    ``fp8adamw_vector_lanes()`` of the result says which vector loop it has: 16 (AVX-512), 8 (AVX2), 1.
 
     Cached in ``kernel_cache_dir()`` when that directory is private (0700 on creation, owned by
     this user, not writable by group or others); otherwise the kernel is built into a fresh
@@ -141,8 +161,8 @@ def load_kernel(portable: bool = False) -> ctypes.CDLL | None:
         warnings.warn("fp8train.optim: no C compiler found; Fp8AdamW uses its foreach path on the CPU",
                       RuntimeWarning, stacklevel=2)
         return None
-    isa = () if portable else _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
-    attempts = [(*_BASE_FLAGS, *isa, "-fopenmp"), (*_BASE_FLAGS, *isa)]  # OpenMP optional
+    isas = ((),) if portable else _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ((),))
+    attempts = [(*_BASE_FLAGS, *isa, *omp) for isa in isas for omp in (("-fopenmp",), ())]  # OpenMP optional
     cache, why_not = _private_cache()
     if cache is None:
         warnings.warn(f"fp8train.optim: kernel cache {why_not}; building the fused kernel in a fresh private "
@@ -162,6 +182,7 @@ def load_kernel(portable: bool = False) -> ctypes.CDLL | None:
             for name in ("fp8adamw_pass1", "fp8adamw_store", "fp8adamw_grad_amax"):
                 getattr(lib, name).argtypes = [ctypes.POINTER(KernelArgs)]
                 getattr(lib, name).restype = ctypes.c_int
+            lib.fp8adamw_vector_lanes.argtypes, lib.fp8adamw_vector_lanes.restype = [], ctypes.c_int
             return lib  # a loaded library stays mapped when its file is removed
     warnings.warn(f"fp8train.optim: the fused CPU kernel could not be built ({error}); Fp8AdamW uses "
                   "its foreach path on the CPU", RuntimeWarning, stacklevel=2)

@@ -15,14 +15,12 @@ A step decodes the states to fp32 (exact: power-of-two scales), computes the Ada
 tensor once: the scales come from upper bounds of the new amaxes known before the pass (``_bounds``:
 from amax(g) and the previous step's record; ``fp8train.scaling.amax_to_log2_scale`` maps the bound
 just under the format's max, a bound 0 keeps the previous scale), so they are the fresh amax scales
-or, where a bound crosses a power of two, one binade coarser. The parameter then
-receives the master's new value (decoded, rounded to the parameter's dtype), or the new fp32 weight
-itself when it is its own master. Numerical consequences (tested against torch.optim.AdamW):
+or, where a bound crosses a power of two, one binade coarser. The parameter then receives the
+master's new value (decoded, rounded to its dtype), or the new weight itself when it is its own
+master. Numerical consequences (tested against torch.optim.AdamW):
   - fp32 states: the same trajectory as torch.optim.AdamW up to fp32 rounding.
-  - e4m3 m: each stored m carries a relative error <= 2**-4 (3 mantissa bits, round to nearest even);
-    elements below amax * 2**-17 (e4m3's subnormal floor after scaling) flush to 0.
-  - fp16 master: 11 significant bits; an update smaller than half an ulp of the weight (2**-11 |w|)
-    is lost: with lr 1e-3 that happens where |w| exceeds ~2 |m_hat / sqrt(v_hat)|.
+  - e4m3 m: relative error <= 2**-4 (round to nearest even); elements below amax * 2**-17 flush to 0.
+  - fp16 master: 11 significant bits; an update below half an ulp of the weight (2**-11 |w|) is lost.
   - rounding="stochastic" removes those losses on average (``_rounding``): each stored value is one of
     its two grid neighbours, E[stored] = value, so m_hat, v_hat and the weight's displacement follow
     AdamW's instead of settling 20-30 % short under steady gradients (tests/test_optim_sr.py).
@@ -43,6 +41,7 @@ from fp8train.optim._bucket import (
     coef_matrix,
     compiled_default,
     fused_eligible,
+    given_amax,
     weight_amax_needed,
 )
 from fp8train.optim._eager import SLOT_NAMES, STORED_KEYS
@@ -219,7 +218,7 @@ class Fp8AdamW(torch.optim.Optimizer):
             self._fp8_weights[p].release_high_precision_()
         return state
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+    def _buckets(self, group: dict[str, Any], grad_amax: Mapping[torch.Tensor, Any] | None = None) -> list[Bucket]:
         members: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         positions = None
         for p in group["params"]:
@@ -244,19 +243,23 @@ class Fp8AdamW(torch.optim.Optimizer):
                                   compiled=compiled,
                                   w_amax_needed=weight_amax_needed(self._formats[2], group),
                                   sr_keys=stream_keys(torch.stack([s[_KEY] for s in states]), steps)
-                                  if self._stochastic else None))
+                                  if self._stochastic else None, given_grad_amax=given_amax(params, grad_amax)))
         return buckets
 
     # ---- the step --------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
-             found_inf: torch.Tensor | bool | None = None) -> Any:
+             found_inf: torch.Tensor | bool | None = None,
+             grad_amax: Mapping[torch.Tensor, torch.Tensor | float] | None = None) -> Any:
         """One AdamW step over every parameter with a gradient.
 
         found_inf: the caller's overflow verdict (bool or 0-d tensor, nonzero = overflow); if set,
                    the step is skipped before any work. The optimizer's own check (non-finite new
                    m / v / weight anywhere) skips it too. ``last_step_skipped`` tells which happened.
+        grad_amax: {parameter: an UPPER bound of max |grad|} (e.g. the amax a gradient all-reduce shared):
+                   saves a bucket with one for each parameter its read of the gradients. The exact amax
+                   gives the same bits as None, a larger one coarser scales; non-finite skips the step.
         Returns the closure's loss, like every torch optimizer.
         """
         loss = None
@@ -265,7 +268,7 @@ class Fp8AdamW(torch.optim.Optimizer):
                 loss = closure()
         self.last_step_skipped = found_inf is not None and bool(found_inf)
         if not self.last_step_skipped:
-            buckets = [b for group in self.param_groups for b in self._buckets(group)]
+            buckets = [b for group in self.param_groups for b in self._buckets(group, grad_amax)]
             amaxes = self._amax_bounds(buckets)  # nothing written yet
             self.last_step_skipped = amaxes is None
             if amaxes is not None:

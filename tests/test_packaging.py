@@ -55,6 +55,7 @@ def test_wheel_contains_only_the_fp8train_namespace(wheel: Path) -> None:
     assert {t for t in top_levels if not t.endswith(".dist-info")} == {"fp8train"}
     assert "fp8train/comm/__init__.py" in names and "fp8train/optim/__init__.py" in names
     assert "fp8train/optim/csrc/fp8adamw.c" in names  # the optimizer's C kernel builds from the wheel
+    assert {f"fp8train/optim/csrc/{h.name}" for h in (REPO / "optim" / "csrc").glob("*.h")} <= set(names)  # its headers
     configs = {n.removeprefix("fp8train/configs/") for n in names if n.startswith("fp8train/configs/")}
     shipped = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     assert shipped and shipped <= configs  # every config group and preset travels in the wheel
