@@ -8,7 +8,7 @@ One ``ZeroOptimizer.step()`` on N ranks:
            owners get bit for bit the all-reduce's mean; non-owned gradients are freed (``.grad = None``).
            With ``overlap_grad_reduce`` a bucket goes as soon as the backward inside ``last_micro_step()``
            has accumulated it (comm/zero/_grad_reduce.py): the backward holds the owned gradients and
-           about one bucket; ``step()`` sends what is left (everything without the flag).
+           about two buckets; ``step()`` sends what is left (everything without the flag).
   overflow: the comm's ``found_inf`` is the same on every rank (it comes from the MAX-reduced amax),
            so every rank skips the rest of the step identically: no clipping, no optimizer step,
            weights and state untouched, ``skipped_steps`` += 1.
