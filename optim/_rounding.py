@@ -10,7 +10,9 @@ on average.
 Random bits (no torch RNG, no global state): a 32-bit integer hash, ``lowbias32`` (C. Wellons'
 two-multiply finaliser), of a Weyl sequence, so each element's bits are a pure function of
 (seed, parameter, step, element index):
-    rounding_key = mix(mix(seed) ^ position)            per parameter, at state init (saved in the state)
+    rounding_key = mix(mix(seed) ^ position)            per parameter, at state init (saved in the state);
+                                                        position: the CRC-32 of the parameter's name when
+                                                        the param groups carry ``param_names``, else its index
     stream_key_j = mix(rounding_key ^ mix(2 * step + j)) per parameter and step; j = 0: m, j = 1: v and w
     r_j[i]       = mix((stream_key_j + i * GOLDEN) mod 2**32)   element i of the flattened tensor
 m takes r_0's 32 bits; v the low 16 bits of r_1, the weight (master, or the parameter when it is its
@@ -86,7 +88,8 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
 
 
 def parameter_key(seed: int, position: int) -> torch.Tensor:
-    """0-d int64 rounding key of the parameter at ``position`` (its index over all param groups)."""
+    """0-d int64 rounding key of the parameter at ``position`` (its name's CRC-32, or its index over
+    all param groups; ``Fp8AdamW._positions``)."""
     return lowbias32(lowbias32(torch.tensor(seed & M32, dtype=torch.int64)) ^ (position & M32))
 
 

@@ -6,7 +6,7 @@ State per parameter (default dtypes; every one is configurable):
     exp_avg_sq_scaled  v, float16        + exp_avg_sq_log2_scale    2 bytes
     master_scaled      w, float16        + master_log2_scale        2 bytes (absent with master_dtype=None)
     step               number of steps taken (0-d fp32)
-    rounding_key       0-d int64: the parameter's stochastic-rounding key (from ``seed`` and its position)
+    rounding_key       0-d int64: its stochastic-rounding key (from ``seed`` and its name or position)
     bound_record       (7,) fp32: what the next step's amax bounds need (``_bounds.RECORD``)
 Stored value = x * 2**log2_scale. The keys differ from torch AdamW's "exp_avg" / "exp_avg_sq" on
 purpose (``_eager.STORED_KEYS``): neither optimizer can take the other's state for its own.
@@ -21,14 +21,14 @@ master. Numerical consequences (tested against torch.optim.AdamW):
   - fp32 states: the same trajectory as torch.optim.AdamW up to fp32 rounding.
   - e4m3 m: relative error <= 2**-4 (round to nearest even); elements below amax * 2**-17 flush to 0.
   - fp16 master: 11 significant bits; an update below half an ulp of the weight (2**-11 |w|) is lost.
-  - rounding="stochastic" removes those losses on average (``_rounding``): each stored value is one of
-    its two grid neighbours, E[stored] = value, so m_hat, v_hat and the weight's displacement follow
-    AdamW's instead of settling 20-30 % short under steady gradients (tests/test_optim_sr.py).
+  - rounding="stochastic" removes those losses on average (``_rounding``): E[stored] = value, so under
+    steady gradients the weights move like AdamW's instead of 20-30 % short (tests/test_optim_sr.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -102,9 +102,9 @@ class Fp8AdamW(torch.optim.Optimizer):
                       re-encoded: "nearest" (round to nearest even) or "stochastic" (unbiased: E[stored]
                       = value, so EMA increments and updates below half an ulp are not lost on
                       average; ``_rounding`` gives the rule and the counter-based random bits).
-    seed:             int in [0, 2**32): with the parameter's position over the param groups, the
-                      step count and the element index, determines every random bit (no RNG state;
-                      each parameter's key is kept in its state, so a resumed run continues bit-exactly).
+    seed:             int in [0, 2**32): with the parameter's name (param groups with ``param_names``)
+                      or position, the step and the element index, sets every random bit (no RNG
+                      state; the key is kept in the state: a resumed run continues bit-exactly).
 
     Overflow: a step whose gradients make any new m, v or weight non-finite is skipped as a whole
     (every group, every parameter: states, scales, step counts and parameters stay bit-identical),
@@ -182,8 +182,12 @@ class Fp8AdamW(torch.optim.Optimizer):
     # ---- state -----------------------------------------------------------------------------------
 
     def _positions(self) -> dict[int, int]:
-        """id(parameter) -> its index over all param groups (the rounding key's input)."""
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        """id(parameter) -> the rounding key's input: its name's CRC-32 where the groups have ``param_names``
+        (one key whichever optimizer holds it: ZeRO at any N, replicated), else its index over them."""
+        params = self._all_params()
+        if all("param_names" in g for g in self.param_groups):
+            names = itertools.chain.from_iterable(g["param_names"] for g in self.param_groups)
+            return {id(p): zlib.crc32(name.encode()) for p, name in zip(params, names)}
         return {id(p): i for i, p in enumerate(params)}
 
     def _init_state(self, p: torch.Tensor, position: int) -> dict[str, Any]:
@@ -262,10 +266,8 @@ class Fp8AdamW(torch.optim.Optimizer):
                    gives the same bits as None, a larger one coarser scales; non-finite skips the step.
         Returns the closure's loss, like every torch optimizer.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         self.last_step_skipped = found_inf is not None and bool(found_inf)
         if not self.last_step_skipped:
             buckets = [b for group in self.param_groups for b in self._buckets(group, grad_amax)]
@@ -275,8 +277,7 @@ class Fp8AdamW(torch.optim.Optimizer):
                 for bucket, amax in zip(buckets, amaxes):
                     bucket.store(bucket.new_log2_scale(amax))
                 # every bucket stored: the layers of FP8 primary weights cast their new values
-                write_fp8_weights_((p for g in self.param_groups for p in g["params"] if p.grad is not None),
-                                   self._fp8_weights)
+                write_fp8_weights_((p for p in self._all_params() if p.grad is not None), self._fp8_weights)
         self._skipped_steps += int(self.last_step_skipped)
         return loss
 
@@ -307,10 +308,9 @@ class Fp8AdamW(torch.optim.Optimizer):
         return self._skipped_steps
 
     def log2_scales(self) -> dict[str, torch.Tensor]:
-        """Scaling bias (log2 of the scale) of m, v and master per parameter, in the order of
-        ``param_groups``: {"exp_avg": (P,), "exp_avg_sq": (P,), "master": (P,)} fp32 on the CPU;
-        NaN for parameters without state yet, 0 for unscaled formats (bf16, fp32) or no master."""
-        params = [p for group in self.param_groups for p in group["params"]]
+        """Scaling bias (log2 of the scale) of m, v and master per parameter, in ``param_groups`` order:
+        {"exp_avg": (P,), ...} fp32 on the CPU; NaN without state yet, 0 if unscaled or no master."""
+        params = self._all_params()
         nan = torch.tensor(float("nan"))
         return {slot: torch.stack([self.state[p][f"{slot}_log2_scale"].cpu() if self.state[p] else nan
                                    for p in params]) if params else torch.zeros(0)

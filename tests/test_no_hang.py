@@ -76,7 +76,7 @@ def _zero_factory_fails(rank: int, world: int) -> None:
     ZeroOptimizer(model.named_parameters(), factory, config=ZeroConfig())
 
 
-def _failing_build_optimizer(params, cfg):
+def _failing_build_optimizer(params, cfg, **kwargs):
     raise MemoryError("cannot allocate the optimizer state")
 
 

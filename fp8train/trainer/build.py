@@ -45,24 +45,32 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(params: Iterable[nn.Parameter], weight_decay: float,
+                  names: Mapping[nn.Parameter, str] | None) -> list[dict[str, Any]]:
     """Weight decay on matrices (Linear weights, embeddings), none on vectors (biases, norm gains):
-    decaying a gain towards 0 only fights the normalisation it scales."""
+    decaying a gain towards 0 only fights the normalisation it scales. With ``names``, each group
+    carries its ``param_names`` (torch's named param groups)."""
     params = list(params)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if names is not None:
+        for g in groups:
+            g["param_names"] = [names[p] for p in g["params"]]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, *,
-                    fp8_weights: Mapping[nn.Parameter, Any] | None = None) -> torch.optim.Optimizer:
+                    fp8_weights: Mapping[nn.Parameter, Any] | None = None,
+                    names: Mapping[nn.Parameter, str] | None = None) -> torch.optim.Optimizer:
     """torch AdamW or Fp8AdamW (``precision.optimizer``) over ``params`` with ``optim``'s settings;
     the learning rate is set every step by the schedule. ``fp8_weights``: {parameter: Fp8Linear}
-    of FP8 primary weights, those of ``params`` handed to Fp8AdamW."""
+    of FP8 primary weights, those of ``params`` handed to Fp8AdamW. ``names``: {parameter: its name
+    in the model}: Fp8AdamW keys its stochastic rounding by name, so that a replicated run and ZeRO
+    at any world size draw the same random bits for a parameter."""
     o = cfg.optim
     params = list(params)
-    groups = _param_groups(params, o.weight_decay)
+    groups = _param_groups(params, o.weight_decay, names)
     if cfg.precision.optimizer == "fp8_adamw":
         s = cfg.precision.optim_state
         return Fp8AdamWConfig(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,

@@ -114,7 +114,8 @@ class DdpStrategy:
         self.hook = register_fp8_comm_hook(self.module, cfg.precision.comm) if cfg.precision.grad_comm == "fp8" else None
         # one rank failing to build it (out of memory) raises on every rank, not at the first collective
         self.optimizer = run_collectively("DdpStrategy: building the optimizer",
-                                          lambda: build_optimizer(model.parameters(), cfg), device=env.device)
+                                          lambda: build_optimizer(model.parameters(), cfg, names=_names(model)),
+                                          device=env.device)
         self.max_grad_norm = cfg.optim.max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.last_comm: CommStats | None = None  # the FP8 hook's stats of the last step
@@ -190,7 +191,8 @@ class ZeroStrategy:
         layers = fp8_weight_layers(model)  # FP8 primary weights (precision.fp8_weights)
         by_param = {layer.weight: layer for layer in layers.values()}
         self.zero = ZeroOptimizer(model.named_parameters(),
-                                  lambda owned: build_optimizer(owned, cfg, fp8_weights=by_param),
+                                  lambda owned: build_optimizer(owned, cfg, fp8_weights=by_param,
+                                                                names=_names(model)),
                                   config=zero_cfg, fp8_weight_layers=layers)
         self.last_comm: CommStats | None = None  # the gradient sync's stats of the last step
 
@@ -228,6 +230,11 @@ class ZeroStrategy:
 
     def load(self, directory: Path) -> None:
         load_zero_checkpoint(self.zero, self.model, directory)
+
+
+def _names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """{parameter: its name in the model} (keys Fp8AdamW's stochastic rounding by name)."""
+    return {p: name for name, p in model.named_parameters()}
 
 
 def build_strategy(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> Strategy:
