@@ -68,3 +68,26 @@ def test_zero_with_stochastic_rounding_keyed_by_name_is_bit_identical_to_one_pro
     for rank, out in enumerate(run_workers(_worker, 2)):
         for name, w in out["zero"].items():
             assert torch.equal(w, out["ref"][name]), (rank, name)
+
+
+def test_named_groups_load_by_name_into_another_grouping() -> None:
+    # ZeRO saves each rank's state by parameter name; another world size regroups the parameters,
+    # whose param_names then differ from the saved groups': they are members, not hyperparameters
+    from fp8train.comm.zero._named_state import load_named_state, named_state
+
+    a, b, c = (torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3))
+    names = {a: "a", b: "b", c: "c"}
+    first, second = _named_adamw([a, b], names), _named_adamw([c], names)
+    for p in (a, b, c):
+        p.grad = torch.ones_like(p)
+    first.step()
+    second.step()
+    saved = {**named_state(first, {id(p): n for p, n in names.items()})[0],
+             **named_state(second, {id(p): n for p, n in names.items()})[0]}
+    merged = _named_adamw([c, a], names)
+    load_named_state(merged, {id(p): n for p, n in names.items()}, saved, {}, where="test")
+    assert merged.param_groups[0]["param_names"] == ["c", "a"]
+    for p, source in ((a, first), (c, second)):
+        assert torch.equal(merged.state[p]["rounding_key"], source.state[p]["rounding_key"])
+        assert torch.equal(merged.state[p]["exp_avg_scaled"].view(torch.uint8),
+                           source.state[p]["exp_avg_scaled"].view(torch.uint8))

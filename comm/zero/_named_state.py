@@ -23,6 +23,10 @@ import torch
 
 __all__ = ["load_named_state", "named_state", "optimizer_formats"]
 
+# group entries that are not hyperparameters: the members themselves, and their names (torch's named
+# param groups), which depend on which parameters a rank owns
+_MEMBERS = ("params", "param_names")
+
 
 def optimizer_formats(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """What a checkpoint of this optimizer's state needs to match on load: the class, and the
@@ -43,7 +47,7 @@ def named_state(optimizer: torch.optim.Optimizer, name_of: Mapping[int, str]) ->
     params = [p for group in optimizer.param_groups for p in group["params"]]
     out: dict[str, Any] = {}
     for saved_group in sd["param_groups"]:
-        hyper = {k: v for k, v in saved_group.items() if k != "params"}
+        hyper = {k: v for k, v in saved_group.items() if k not in _MEMBERS}
         for idx in saved_group["params"]:
             out[name_of[id(params[idx])]] = {"state": dict(sd["state"].get(idx, {})), "group": hyper}
     extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
@@ -69,10 +73,11 @@ def load_named_state(optimizer: torch.optim.Optimizer, name_of: Mapping[int, str
         for name in names:
             if name not in param_state:
                 raise ValueError(f"{where}: no saved optimizer state for parameter {name!r}, which this rank owns")
-        hyper = dict(param_state[names[0]]["group"]) if names else {k: v for k, v in group.items() if k != "params"}
+        hyper = ({k: v for k, v in param_state[names[0]]["group"].items() if k not in _MEMBERS} if names
+                 else {k: v for k, v in group.items() if k not in _MEMBERS})
         for name in names[1:]:
             other = param_state[name]["group"]
-            for key in hyper.keys() | other.keys():
+            for key in (hyper.keys() | other.keys()) - set(_MEMBERS):
                 if not _same(hyper.get(key), other.get(key)):
                     raise ValueError(f"{where}: parameters {names[0]!r} and {name!r} share a param_group now but "
                                      f"were saved with {key}={hyper.get(key)!r} and {other.get(key)!r}")
@@ -82,5 +87,6 @@ def load_named_state(optimizer: torch.optim.Optimizer, name_of: Mapping[int, str
                 state[idx] = param_state[name]["state"]
             ids.append(idx)
             idx += 1
-        groups.append({**hyper, "params": ids})
+        names_now = {"param_names": group["param_names"]} if "param_names" in group else {}
+        groups.append({**hyper, **names_now, "params": ids})
     optimizer.load_state_dict({**extra, "state": state, "param_groups": groups})
