@@ -48,7 +48,7 @@ from fp8train.comm.stats import CommStats
 from fp8train.formats import Fp8Format
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 
-__all__ = ["fp8_all_reduce_", "fp8_reduce_scatter"]
+__all__ = ["fp8_all_reduce_", "fp8_reduce_scatter", "synced_grad_amax"]
 
 
 def _check_grads(grads: Sequence[torch.Tensor]) -> None:
@@ -73,6 +73,24 @@ def _sync_log2_scales(grads: Sequence[torch.Tensor], fmt: Fp8Format, margin: int
     coll.all_reduce_max_(amax)
     found_inf = not bool(torch.isfinite(amax).all())  # the one host read of the bucket's amax
     return amax_to_log2_scale(amax, fmt, margin=margin), found_inf
+
+
+def synced_grad_amax(log2_scale: torch.Tensor, fmt: Fp8Format, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n,) fp32 upper bounds of max |g| of the gradients this module writes, known from the shared scales
+    alone (no read of the gradients): fmt.max * 2**-log2_scale, capped at the max of each gradient's dtype.
+
+    Why it bounds them: every code on the wire is at most fmt.max in magnitude (quantization saturates);
+    the mean of N decoded codes is at most fmt.max too (each partial sum of values <= fmt.max is at most
+    k * fmt.max, a number fp32 holds exactly, and rounding is monotone; dividing N * fmt.max by N is
+    exact); the requantized mean is again a code; times scale_inv, a power of two, is exact or smaller
+    (underflow); the decode clamps to the dtype's max. The product is formed in float64 (exact: a
+    power of two times fmt.max), widened by 2**-20 and rounded up to fp32, a margin for any other
+    summation order. Against the exact amax it is at most 2**(1 + margin) times the largest |g| any rank
+    sent, and looser where averaging over ranks shrinks the mean."""
+    bound = (fmt.max * torch.exp2(-log2_scale.to(torch.float64))) * (1.0 + 2.0**-20)
+    bound = torch.nextafter(bound.to(torch.float32), torch.tensor(float("inf")))
+    dtype_max = torch.tensor([torch.finfo(g.dtype).max for g in grads], dtype=torch.float32)
+    return torch.minimum(bound.cpu(), dtype_max)
 
 
 def _quantize_flat(codec: BucketCodec, stats: CommStats, quant_stats: bool) -> torch.Tensor:
@@ -100,7 +118,7 @@ def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, gro
     stats = CommStats(elements=layout.numel)
     coll = Collectives(group, stats, config.exchange, config.p2p_piece_bytes)
     log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
-    stats.log2_scales = log2_scale.cpu()
+    stats.log2_scales, stats.grad_amax = log2_scale.cpu(), synced_grad_amax(log2_scale, fmt, grads)
     if stats.found_inf:
         return stats
     if coll.p2p:
@@ -165,7 +183,7 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
     if not grads:
         return torch.zeros(0), stats
     log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
-    stats.log2_scales = log2_scale.cpu()
+    stats.log2_scales, stats.grad_amax = log2_scale.cpu(), synced_grad_amax(log2_scale, fmt, grads)
     if stats.found_inf:
         return None, stats
     flat = _quantize_flat(BucketCodec(grads, layout, log2_scale, fmt), stats, quant_stats)

@@ -21,6 +21,9 @@ class CommStats:
     log2_scales:  (tensors,) fp32 shared scaling bias of each tensor (identical on every rank).
     tensor_names: the name of each entry of ``log2_scales`` where the caller knows it (parameter
                   names: ``ZeroOptimizer``, the DDP hook), else (); see ``log2_scales_by_name``.
+    grad_amax:    (tensors,) fp32 upper bound of max |g| of each synchronised gradient, from its shared
+                  scale alone (comm/allreduce.py, ``synced_grad_amax``): what ``Fp8AdamW.step(grad_amax=)``
+                  takes instead of reading every gradient once more; see ``grad_amax_by_name``.
     saturated / underflowed: elements clamped to the format's max / flushed to 0 when quantizing
                   this rank's gradients; None when not sampled on this call (``stats_every``).
     found_inf:    some rank had an inf or NaN gradient: every rank reports it, the gradients were
@@ -34,6 +37,7 @@ class CommStats:
     elements: int = 0
     log2_scales: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     tensor_names: tuple[str, ...] = ()
+    grad_amax: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     saturated: int | None = None
     underflowed: int | None = None
     found_inf: bool = False
@@ -49,6 +53,7 @@ class CommStats:
             collectives=self.collectives + other.collectives, amax_syncs=self.amax_syncs + other.amax_syncs,
             elements=self.elements + other.elements,
             log2_scales=torch.cat([self.log2_scales, other.log2_scales]),
+            grad_amax=torch.cat([self.grad_amax, other.grad_amax]),
             # names only while every part has them: a partial list could not be matched to the scales
             tensor_names=self.tensor_names + other.tensor_names if self._named() and other._named() else (),
             saturated=add(self.saturated, other.saturated), underflowed=add(self.underflowed, other.underflowed),
@@ -64,6 +69,13 @@ class CommStats:
         if self.found_inf or not self._named():
             return {}
         return dict(zip(self.tensor_names, self.log2_scales.tolist()))
+
+    def grad_amax_by_name(self) -> dict[str, torch.Tensor]:
+        """{tensor name: 0-d fp32 upper bound of max |g| after the synchronisation}; {} when the names
+        are unknown or on overflow (the gradients were not synchronised)."""
+        if self.found_inf or not self._named() or self.grad_amax.numel() != self.log2_scales.numel():
+            return {}
+        return dict(zip(self.tensor_names, self.grad_amax.unbind(0)))
 
     @property
     def wire_bytes_per_element(self) -> float:

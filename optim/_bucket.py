@@ -225,8 +225,11 @@ class Bucket:
         torch._foreach_add_(self._list("step"), 1.0)
         for j, key in enumerate(self._scale_keys()):
             torch._foreach_copy_(self._list(key), list(new_log2_scale[:, j].unbind(0)))
-        for state, record in zip(self.states, records.unbind(0)):
-            state[RECORD_KEY] = record.clone()
+        if all(RECORD_KEY in s for s in self.states):  # one op, not one clone per tensor
+            torch._foreach_copy_(self._list(RECORD_KEY), list(records.unbind(0)))
+        else:  # a state saved before records existed
+            for state, record in zip(self.states, records.unbind(0)):
+                state[RECORD_KEY] = record.clone()
 
     def _call_kernel(self, name: str, **arrays: torch.Tensor) -> None:
         """Call ``name`` with this bucket's pointer tables and the given fp32 / int32 arrays (scale_inv,

@@ -59,7 +59,9 @@ def _worker(rank: int, world_size: int) -> dict:
                 p.grad = None
             model(tokens[:, :-1], tokens[:, 1:])[1].backward()
         assert not zero.step().skipped
-        ref.step(found_inf=fp8_all_reduce_([p.grad for p in ref_model.parameters()], group=solo).found_inf)
+        stats = fp8_all_reduce_([p.grad for p in ref_model.parameters()], group=solo)
+        # the sync's amax bounds, as ZeroOptimizer passes them (stats follow the gradients' order)
+        ref.step(found_inf=stats.found_inf, grad_amax=dict(zip(ref_model.parameters(), stats.grad_amax, strict=True)))
     return {"zero": {n: p.detach().clone() for n, p in zero_model.named_parameters()},
             "ref": {n: p.detach().clone() for n, p in ref_model.named_parameters()}}
 

@@ -118,7 +118,8 @@ def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm, bucke
         if max_grad_norm is not None and not stats.found_inf:
             norm, torch_norm = _reference_clip_(grads, max_grad_norm)
             norms.append((result.grad_norm, norm, torch_norm))
-        ref.step(found_inf=stats.found_inf)
+        # the sync's amax bounds, as ZeroOptimizer passes them (stats follow the gradients' order)
+        ref.step(found_inf=stats.found_inf, grad_amax=dict(zip(ref_model.parameters(), stats.grad_amax, strict=True)))
         if stage == 2:
             owned = set(zero.owned_parameter_names)
             assert all((p.grad is None) == (n not in owned) for n, p in zero_model.named_parameters()), \

@@ -164,7 +164,8 @@ def _equivalence(rank: int, world_size: int, solo: dist.ProcessGroup, stage: int
         assert not zero.step().skipped
         ref_loss = _backward(ref_model, tokens)
         stats = fp8_all_reduce_([p.grad for p in ref_model.parameters()], group=solo)
-        ref.step(found_inf=stats.found_inf)
+        # the sync's amax bounds, as ZeroOptimizer passes them (stats follow the gradients' order)
+        ref.step(found_inf=stats.found_inf, grad_amax=dict(zip(ref_model.parameters(), stats.grad_amax, strict=True)))
         with torch.no_grad():
             for n, p in ref_model.named_parameters():
                 if n in names:

@@ -66,6 +66,7 @@ from fp8train.comm.zero._grad_reduce import GradReduceScatter
 from fp8train.comm.zero._named_state import load_named_state, named_state, optimizer_formats
 from fp8train.comm.zero._weights import Fp8WeightLayer, WeightGather, inner_master_problem
 from fp8train.comm.zero.partition import Partition, partition_parameters
+from fp8train.optim import Fp8AdamW
 
 __all__ = [
     "FP8_ADAMW_STATE_BYTES_PER_ELEMENT",
@@ -349,9 +350,17 @@ class ZeroOptimizer:
                 return self._skip(comm)
         self.last_step_skipped = False
         if self.optimizer is not None:
-            self.optimizer.step()
+            self.optimizer.step(**self._inner_step_kwargs(comm))
         weight_bytes = self._weights.all_gather_()
         return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm, weight_bytes_sent=weight_bytes)
+
+    def _inner_step_kwargs(self, comm: CommStats) -> dict[str, Any]:
+        """``Fp8AdamW``: the sync's upper bounds of the owned gradients' amax (``CommStats.grad_amax``), so
+        that its step reads each gradient once. Clipping scales by at most 1, so they still bound them."""
+        if not isinstance(self.optimizer, Fp8AdamW):
+            return {}
+        bound = comm.grad_amax_by_name()
+        return {"grad_amax": {self.params[i]: bound[self.names[i]] for i in self._owned if self.names[i] in bound}}
 
     def _gradients(self) -> tuple[list[torch.Tensor], list[str]]:
         """Stage 1: each parameter's gradient, a NaN stand-in for a missing one (see ``step``), and the names

@@ -118,6 +118,7 @@ class DdpStrategy:
                                           device=env.device)
         self.max_grad_norm = cfg.optim.max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.last_comm: CommStats | None = None  # the FP8 hook's stats of the last step
 
     @property
@@ -147,7 +148,10 @@ class DdpStrategy:
             norm = float(total)
             found_inf = not math.isfinite(norm)
         if isinstance(self.optimizer, Fp8AdamW):
-            self.optimizer.step(found_inf=found_inf)
+            # the FP8 sync's upper bounds of max |g| (still bounds after clipping, which scales by <= 1):
+            # the step then reads each gradient once (comm.allreduce.synced_grad_amax)
+            bound = stats.grad_amax_by_name() if stats is not None else {}
+            self.optimizer.step(found_inf=found_inf, grad_amax={p: bound[n] for n, p in self.named if n in bound})
             found_inf = found_inf or self.optimizer.last_step_skipped
         elif not found_inf:
             self.optimizer.step()

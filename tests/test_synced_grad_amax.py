@@ -1,0 +1,100 @@
+"""``CommStats.grad_amax``: upper bounds of max |g| after an FP8 gradient sync, known from the shared scales
+alone (comm/allreduce.py, ``synced_grad_amax``), and the trainer's strategies handing them to
+``Fp8AdamW.step(grad_amax=)`` so that its step reads each gradient once.
+
+A bound must never be below the synchronised gradient's true amax (the optimizer's scales would then
+let a stored state overflow), and must stay within 2**(1 + margin) of the largest |g| any rank sent
+(else the scales it gives are needlessly coarse)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_workers
+from trainer_utils import tiny_strategy
+
+# per rank: (dtype, values) of each gradient; magnitudes differ between ranks and tensors
+_SHAPES = [(64, 48), (1000,), (7, 3), (5,)]
+
+
+def _grads(rank: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(10 + rank)
+    grads = [torch.randn(s, generator=gen) * 10.0 ** (rank - i) for i, s in enumerate(_SHAPES)]
+    grads[1][17] = 3.0e4 * (rank + 1)  # a spike, on every rank, of different size
+    grads[2] = grads[2].to(torch.bfloat16)
+    grads[2][0, 0] = 3.0e38  # 448 * 2**-s >= it only past bf16's max (3.39e38): the cap applies
+    grads[3].zero_()  # all zero: the scale of a zero amax is kept
+    return grads
+
+
+def _bound_worker(rank: int, world: int, fmt: str, margin: int) -> dict:
+    from fp8train.comm import Fp8CommConfig, fp8_all_reduce_, fp8_reduce_scatter
+    from fp8train.comm._layout import FlatLayout, uniform_bounds
+
+    config = Fp8CommConfig(format=fmt, margin=margin, bucket_bytes=4096)  # several buckets
+    grads = _grads(rank)
+    sent = torch.stack([g.abs().max().float() for g in grads])
+    dist.all_reduce(sent, op=dist.ReduceOp.MAX)
+    reduced = [g.clone() for g in grads]
+    stats = fp8_all_reduce_(reduced, config=config)
+    out = {"sent": sent, "all_reduce_bound": stats.grad_amax,
+           "all_reduce_amax": torch.stack([g.abs().max().float() for g in reduced]), "rs": []}
+    layout = FlatLayout.of(grads)
+    for requantize in (False, True):
+        chunk, rs_stats = fp8_reduce_scatter(grads, uniform_bounds(layout.numel, world), config=config,
+                                             requantize=requantize)
+        lo = uniform_bounds(layout.numel, world)[rank]
+        for i, start, stop in layout.segments(lo, lo + chunk.numel()):
+            out["rs"].append((float(chunk[start - lo:stop - lo].abs().max()), float(rs_stats.grad_amax[i])))
+    return out
+
+
+@pytest.mark.parametrize("fmt,margin", [("e4m3", 0), ("e5m2", 0), ("e4m3", 2)])
+def test_synced_grad_amax_bounds_the_synchronised_gradients(fmt, margin):
+    for res in run_workers(_bound_worker, 2, fmt, margin, timeout_s=120):
+        bound, amax, sent = res["all_reduce_bound"], res["all_reduce_amax"], res["sent"]
+        assert bound.dtype == torch.float32 and bound.shape == (len(_SHAPES),)
+        assert bool((amax <= bound).all()), (amax, bound)
+        for j in range(3):  # the nonzero ones: within 2**(1 + margin) of what was sent
+            assert float(bound[j]) <= 2.0 ** (1 + margin) * float(sent[j]) * (1 + 2.0**-18), (j, bound, sent)
+        assert float(bound[2]) == torch.finfo(torch.bfloat16).max  # capped at the gradient dtype's max
+        assert float(amax[3]) == 0.0 and float(bound[3]) >= 0.0
+        assert res["rs"], "the reduce-scatter chunk covers some tensor"
+        for chunk_amax, chunk_bound in res["rs"]:
+            assert chunk_amax <= chunk_bound
+
+
+def _strategy_worker(rank: int, world: int, preset: dict, parallel: dict) -> list[tuple[float, float]]:
+    """(true max |g|, bound handed to Fp8AdamW) for every parameter the local optimizer steps."""
+    model, strategy = tiny_strategy(rank, world, preset, parallel=parallel)
+    optimizer = strategy.local_optimizer
+    seen: list[tuple[float, float]] = []
+    original = optimizer.step
+
+    def recording_step(*args, grad_amax=None, **kwargs):
+        stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        assert grad_amax is not None and set(grad_amax) == set(stepped), "a bound for every stepped parameter"
+        seen.extend((float(p.grad.abs().max()), float(grad_amax[p])) for p in stepped)
+        return original(*args, grad_amax=grad_amax, **kwargs)
+
+    optimizer.step = recording_step  # this instance only: records what the strategy hands over
+    for step in range(2):
+        x = torch.randint(256, (4, 16), generator=torch.Generator().manual_seed(100 * step + rank))
+        with strategy.accumulating(sync=True):
+            _, loss = strategy.module(x, x)
+            loss.backward()
+        assert not strategy.step().skipped
+        strategy.zero_grad()
+    return seen
+
+
+@pytest.mark.parametrize("parallel", [{"strategy": "ddp"}, {"strategy": "zero2"}], ids=["ddp", "zero2"])
+def test_strategies_hand_the_sync_bounds_to_fp8_adamw(parallel):
+    preset = {"gemm": "fp8", "grad_comm": "fp8", "optimizer": "fp8_adamw"}
+    out = run_workers(_strategy_worker, 2, preset, parallel, timeout_s=120)
+    pairs = [pair for res in out for pair in res]
+    assert pairs
+    for true_amax, bound in pairs:  # (clipping may shrink the gradients below the sync's bound, never above)
+        assert true_amax <= bound < float("inf"), (true_amax, bound)
