@@ -98,14 +98,20 @@ class OptimConfig:
 class ParallelConfig:
     """strategy: "auto" (zero2 when precision.fp8_weights, else ddp) | "ddp" (replicated weights and
     optimizer; gradients all-reduced) | "zero1" (optimizer state sharded by whole tensors) | "zero2"
-    (gradients too); ddp_bucket_mb: DDP gradient bucket size in MiB."""
+    (gradients too) | "fsdp2" (torch's ``fully_shard`` per block and the root: weights, gradients and
+    optimizer state sharded; FP8 reduce-scatter and weight all-gather with precision.grad_comm='fp8') |
+    "deepspeed" (the DeepSpeed engine, ZeRO stage ``deepspeed_stage``); ddp_bucket_mb: DDP gradient
+    bucket size in MiB; deepspeed_stage: DeepSpeed ZeRO stage, 0-3."""
 
-    strategy: Literal["auto", "ddp", "zero1", "zero2"] = "auto"
+    strategy: Literal["auto", "ddp", "zero1", "zero2", "fsdp2", "deepspeed"] = "auto"
     ddp_bucket_mb: int = 25
+    deepspeed_stage: int = 2
 
     def __post_init__(self) -> None:
         if self.ddp_bucket_mb < 1:
             raise ValueError(f"ParallelConfig.ddp_bucket_mb={self.ddp_bucket_mb} is out of range; allowed: >= 1")
+        if self.deepspeed_stage not in (0, 1, 2, 3):
+            raise ValueError(f"ParallelConfig.deepspeed_stage={self.deepspeed_stage} is out of range; allowed: 0, 1, 2, 3")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -231,9 +237,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         strategy = self.strategy
-        if self.precision.fp8_weights and strategy == "ddp":
+        if self.precision.fp8_weights and strategy in ("ddp", "fsdp2", "deepspeed"):
             raise ValueError(f"precision={self.precision.name} (fp8_weights) needs parallel zero1 or zero2 (got "
-                             "ddp): FP8 weights are gathered by ZeRO owners; allowed parallel: auto, zero1, zero2")
+                             f"{strategy}): FP8 weights are gathered by ZeRO owners; allowed parallel: auto, zero1, zero2")
+        if strategy == "deepspeed" and self.precision.grad_comm != "native":
+            raise ValueError(f"parallel=deepspeed synchronises gradients with DeepSpeed's own collectives; "
+                             f"precision.grad_comm={self.precision.grad_comm!r} is not allowed with it; allowed: native")
         if self.train.compile and self.faults.nonfinite_step is not None and self.faults.nonfinite_where != "loss":
             # the fault is a hook on a layer inside a block; compiled code does not see hooks added later
             raise ValueError(f"faults.nonfinite_where={self.faults.nonfinite_where!r} poisons a gradient inside a "

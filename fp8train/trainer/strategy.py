@@ -247,4 +247,12 @@ def build_strategy(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> Strategy
     strategy = cfg.strategy
     if strategy == "ddp":
         return DdpStrategy(model, cfg, env)
+    if strategy == "fsdp2":
+        from fp8train.trainer.fsdp_strategy import FsdpStrategy  # torch.distributed.fsdp: only when chosen
+
+        return FsdpStrategy(model, cfg, env)
+    if strategy == "deepspeed":
+        from fp8train.trainer.deepspeed_strategy import DeepSpeedStrategy  # an optional dependency
+
+        return DeepSpeedStrategy(model, cfg, env)
     return ZeroStrategy(model, cfg, env, stage=1 if strategy == "zero1" else 2)
