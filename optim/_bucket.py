@@ -31,6 +31,7 @@ from fp8train.optim._bounds import bounds_, next_record, tau
 from fp8train.optim._eager import COEF_NAMES, STORED_KEYS, eager_step, eager_update_and_amax
 from fp8train.optim._formats import PARAM_DTYPES, StateFormat
 from fp8train.optim._kernel import KernelArgs, load_kernel
+from fp8train.optim._sharded import local, sync_max_
 from fp8train.scaling import amax_to_log2_scale
 
 __all__ = ["RECORD_KEY", "Bucket", "coef_matrix", "compiled_default", "fused_eligible", "given_amax",
@@ -136,6 +137,7 @@ class Bucket:
     w_amax_needed: bool = True
     sr_keys: torch.Tensor | None = None  # (n, 2) int64 stream keys: stochastic rounding; None: nearest
     given_grad_amax: torch.Tensor | None = None  # (n,) fp32 caller's upper bounds of max |g| (``given_amax``)
+    group: Any = None  # the process group of sharded (DTensor) parameters: records agreed over it (_sharded.py)
     log2_scale: torch.Tensor = field(init=False)  # (n, 3) fp32 scaling biases in use: m, v, master
 
     def __post_init__(self) -> None:
@@ -149,7 +151,7 @@ class Bucket:
         return torch.stack([s[key] for s in self.states])
 
     def _list(self, key: str) -> list[torch.Tensor]:
-        return [s[key] for s in self.states]
+        return [local(s[key]) for s in self.states]
 
     @property
     def has_master(self) -> bool:
@@ -222,6 +224,7 @@ class Bucket:
                          torch.exp2(-self.log2_scale), self.params, master, self.formats, new_scale, self.sr_keys,
                          thresholds)
         records = next_record(stats, new_log2_scale, self.coef, _COLS, self.formats)
+        sync_max_([records], self.group)  # sharded: the records of the whole tensors (_sharded.py)
         torch._foreach_add_(self._list("step"), 1.0)
         for j, key in enumerate(self._scale_keys()):
             torch._foreach_copy_(self._list(key), list(new_log2_scale[:, j].unbind(0)))

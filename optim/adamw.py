@@ -64,6 +64,7 @@ from fp8train.optim._fp8_weights import (
 )
 from fp8train.optim._kernel import load_kernel
 from fp8train.optim._rounding import parameter_key, stream_keys
+from fp8train.optim._sharded import like_param, local, shard_group, sync_max_
 from fp8train.optim.config import check_hyperparameters, check_rounding
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 
@@ -197,27 +198,31 @@ class Fp8AdamW(torch.optim.Optimizer):
             return torch.zeros((), dtype=torch.float32, device=p.device)
 
         contiguous = dict(device=p.device, memory_format=torch.contiguous_format)
+        shard, group = local(p), shard_group([p])  # a DTensor's state: its local shard, whole-tensor scales
         state = {
             "step": scalar(),
-            STORED_KEYS["exp_avg"]: torch.zeros_like(p, dtype=m_fmt.dtype, **contiguous),
+            STORED_KEYS["exp_avg"]: torch.zeros_like(shard, dtype=m_fmt.dtype, **contiguous),
             "exp_avg_log2_scale": scalar(),
-            STORED_KEYS["exp_avg_sq"]: torch.zeros_like(p, dtype=v_fmt.dtype, **contiguous),
+            STORED_KEYS["exp_avg_sq"]: torch.zeros_like(shard, dtype=v_fmt.dtype, **contiguous),
             "exp_avg_sq_log2_scale": scalar(),
             "master_log2_scale": scalar(),
             _KEY: parameter_key(self._seed, position).to(p.device),
         }
+        weight_amax = scalar()  # the next step bounds the new amaxes from this (m = v = 0; the master's amax)
         if w_fmt is not None:
-            p_fp32 = initial_weight(p, self._fp8_weights.get(p)).to(torch.float32)
-            log2 = amax_to_log2_scale(tensor_to_amax(p_fp32), w_fmt.range) if w_fmt.scaled else scalar()
-            master = state[STORED_KEYS["master"]] = torch.empty_like(p, dtype=w_fmt.dtype, **contiguous)
+            p_fp32 = local(initial_weight(p, self._fp8_weights.get(p))).to(torch.float32)
+            amax = tensor_to_amax(p_fp32)
+            sync_max_([amax], group)
+            log2 = amax_to_log2_scale(amax, w_fmt.range) if w_fmt.scaled else scalar()
+            master = state[STORED_KEYS["master"]] = torch.empty_like(shard, dtype=w_fmt.dtype, **contiguous)
             encode_([master], [p_fp32], [torch.exp2(log2)], w_fmt)
             state["master_log2_scale"] = log2
-        # the next step bounds the new amaxes from this (m = v = 0; the stored master's exact amax)
-        weight_amax = scalar()
-        if w_fmt is not None:
-            stored = state[STORED_KEYS["master"]]
-            weight_amax = tensor_to_amax(decode([stored], [torch.exp2(-state["master_log2_scale"])])[0])
+            weight_amax = tensor_to_amax(decode([master], [torch.exp2(-log2)])[0])
+            sync_max_([weight_amax], group)
         state[RECORD_KEY] = initial_record(weight_amax)
+        for key in (STORED_KEYS["exp_avg"], STORED_KEYS["exp_avg_sq"], STORED_KEYS["master"]):
+            if key in state:  # DTensors laid out like p: torch.distributed.checkpoint reshards them
+                state[key] = like_param(state[key], p)
         if p in self._fp8_weights:  # the master is now the only high-precision copy
             self._fp8_weights[p].release_high_precision_()
         return state
@@ -233,16 +238,17 @@ class Fp8AdamW(torch.optim.Optimizer):
             if not self.state[p]:
                 positions = positions or self._positions()
                 self.state[p] = self._init_state(p, positions[id(p)])
-            out = weight_output(p, self._fp8_weights.get(p))
-            fused = self._fused is not False and fused_eligible(out, p.grad) and load_kernel() is not None
+            out = local(weight_output(p, self._fp8_weights.get(p)))
+            fused = self._fused is not False and fused_eligible(out, local(p.grad)) and load_kernel() is not None
             members.setdefault((p.device, p.dtype, p.grad.dtype, fused), []).append(p)
         buckets = []
         for (_, _, _, fused), params in members.items():
             states = [self.state[p] for p in params]
             steps = torch.stack([s["step"] for s in states]) + 1
             compiled = compiled_default(params[0].device) if self._compiled is None else self._compiled
-            outputs = [weight_output(p, self._fp8_weights.get(p)) for p in params]
-            buckets.append(Bucket(params=outputs, grads=[p.grad for p in params], states=states,
+            outputs = [local(weight_output(p, self._fp8_weights.get(p))) for p in params]
+            buckets.append(Bucket(params=outputs, grads=[local(p.grad) for p in params], states=states,
+                                  group=shard_group(params),
                                   formats=self._formats, coef=coef_matrix(steps, group), fused=fused,
                                   compiled=compiled,
                                   w_amax_needed=weight_amax_needed(self._formats[2], group),
@@ -288,17 +294,19 @@ class Fp8AdamW(torch.optim.Optimizer):
         gradient (then m is non-finite), or a non-finite exact amax. Finite bounds prove the new values
         finite, so a step with bounds everywhere decides without computing them. Writes nothing."""
         grad_amax = [b.grad_amax() for b in buckets]  # every gradient read before any write
-        if not all(bool(torch.isfinite(a).all()) for a in grad_amax):
+        finite = all(bool(torch.isfinite(a).all()) for a in grad_amax)
+        sharded = [b.group for b in buckets if b.group is not None]
+        if not finite and not sharded:
             return None
         amaxes = []
         for bucket, a_g in zip(buckets, grad_amax):
-            bound = bucket.bounds(a_g)
+            bound = bucket.bounds(a_g) if finite else None
             usable = bound is not None and bool(torch.isfinite(bound).all())
-            amax = bound if usable else bucket.pass1()
-            if not usable and not bool(torch.isfinite(amax).all()):
-                return None
-            amaxes.append(amax)
-        return amaxes
+            amaxes.append(bound if usable else bucket.pass1() if finite else
+                          torch.full((len(bucket.params), 3), float("inf")))
+        if sharded:  # whole-tensor scales, and one verdict on every rank (optim/_sharded.py)
+            sync_max_(amaxes, sharded[0])
+        return amaxes if all(bool(torch.isfinite(a).all()) for a in amaxes) else None
 
     # ---- monitoring ------------------------------------------------------------------------------
 
@@ -318,7 +326,7 @@ class Fp8AdamW(torch.optim.Optimizer):
 
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (moments, masters, scales, step counts)."""
-        return sum(v.nbytes for state in self.state.values() for v in state.values() if torch.is_tensor(v))
+        return sum(local(v).nbytes for state in self.state.values() for v in state.values() if torch.is_tensor(v))
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -1,0 +1,189 @@
+"""FP8 collectives on FSDP2 (comm/fsdp.py) and Fp8AdamW on its DTensor shards (optim/_sharded.py), on 2 gloo
+ranks: the parameter order and piece sizes FSDP2 uses, the FP8 reduce-scatter against FSDP2's own fp32 one
+(SQNR floor of E4M3) with one synced scale per parameter, overflow on one rank seen on both, the FP8 weight
+all-gather (identical weights on every rank, each FP8 weight the E4M3 round trip of the full weight at the
+synced scale, the others bit-exact), and Fp8AdamW on shards bit-identical to one process on whole tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import sqnr_db
+from dist_utils import run_workers
+
+# E4M3: 3 mantissa bits, relative rounding error <= 2**-4 per element: SQNR of a round trip ~ 30 dB;
+# an fp32 mean of N=2 such values stays above 26 dB
+E4M3_SQNR_FLOOR_DB = 26.0
+
+
+def _model() -> nn.Module:
+    from fp8train import convert_to_fp8
+    from fp8train.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return convert_to_fp8(GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)))
+
+
+def _shard(model: nn.Module, world: int, fp8: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fp8train.comm import Fp8CommConfig
+    from fp8train.comm.fsdp import register_fp8_fsdp_comm
+
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if not fp8:
+        return None, None
+    return register_fp8_fsdp_comm(model, world, grad_config=Fp8CommConfig(), fp8_weight_gather=True)
+
+
+def _backward(model: nn.Module, rank: int, poison: bool = False) -> None:
+    x = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    _, loss = model(x, x)
+    (loss * (float("nan") if poison else 1.0)).backward()
+
+
+def _fsdp_params(module: nn.Module) -> list:
+    return module._get_fsdp_state()._fsdp_param_group.fsdp_params  # FSDP2's private state: read by this test only
+
+
+def _comm_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from fp8train.comm import Fp8CommConfig
+    from fp8train.comm.fsdp import group_segments, register_fp8_fsdp_comm
+    from fp8train.formats import E4M3
+    from fp8train.scaling import amax_to_log2_scale
+
+    out: dict = {}
+    plain = _model()  # unsharded: what this rank's backward sends
+    _backward(plain, rank)
+    sent_amax = torch.stack([p.grad.abs().max() for p in plain.parameters()])
+    dist.all_reduce(sent_amax, op=dist.ReduceOp.MAX)
+    out["expected_scales"] = dict(zip([n for n, _ in plain.named_parameters()],
+                                      amax_to_log2_scale(sent_amax, E4M3).tolist()))
+    ref = _model()
+    _shard(ref, world, fp8=False)
+    _backward(ref, rank)
+    ref_grads = {n: p.grad.full_tensor() for n, p in ref.named_parameters()}
+    fsdp_modules = [m for m in ref.modules() if isinstance(m, FSDPModule)]
+    pairs = [(seg, fp) for m in fsdp_modules for seg, fp in zip(group_segments(m, world), _fsdp_params(m), strict=True)]
+    out["order_ok"] = all(p is fp.sharded_param for (_, p, _), fp in pairs)
+    out["sizes_ok"] = all(n == fp.padded_sharded_param_size.numel() for (_, _, n), fp in pairs)
+
+    rs_only = _model()  # FP8 reduce-scatter, fp32 weights: the same local gradients as ``plain``
+    _shard(rs_only, world, fp8=False)
+    sink, _ = register_fp8_fsdp_comm(rs_only, world, grad_config=Fp8CommConfig(), fp8_weight_gather=False)
+    _backward(rs_only, rank)
+    stats, _ = sink.pop_stats()
+    out["scales"] = stats.log2_scales_by_name()
+    out["grad_sqnr"] = {n: sqnr_db(ref_grads[n], p.grad.full_tensor()) for n, p in rs_only.named_parameters()}
+    out["grad_bytes"] = stats.bytes_sent
+
+    model = _model()  # both FP8 collectives
+    sink, scales = _shard(model, world, fp8=True)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}  # DTensor gather: exact fp32
+    _backward(model, rank)
+    out["weight_bytes"] = sink.pop_stats()[1]
+    out["fp8_names"] = [n for n, p in model.named_parameters() if p in scales.log2_scale]
+    out["gather_scale"] = {n: float(scales.log2_scale[p]) for n, p in model.named_parameters() if p in scales.log2_scale}
+    out["expected_gather_scale"] = {n: float(amax_to_log2_scale(full[n].abs().max(), E4M3)) for n in out["fp8_names"]}
+    _backward(model, rank, poison=rank == 1)  # overflow on rank 1 only
+    out["found_inf"] = sink.pop_stats()[0].found_inf
+    return out
+
+
+def test_fp8_reduce_scatter_and_weight_gather_on_fsdp2():
+    results = run_workers(_comm_worker, 2, timeout_s=180)
+    for res in results:
+        assert res["order_ok"] and res["sizes_ok"], "group_segments must reproduce FSDP2's order and piece sizes"
+        for name, db in res["grad_sqnr"].items():
+            assert db > E4M3_SQNR_FLOOR_DB, (name, db)
+        assert res["scales"] == res["expected_scales"], "one scale per parameter: its amax MAX-reduced over ranks"
+        assert res["found_inf"], "an inf/NaN gradient on one rank is reported on every rank"
+        assert res["fp8_names"] and all(n.endswith(".weight") for n in res["fp8_names"])
+        assert res["gather_scale"] == res["expected_gather_scale"], "gather scale: amax of the whole weight, synced"
+        assert res["weight_bytes"] > 0 and res["grad_bytes"] > 0
+
+
+def _gather_worker(rank: int, world: int) -> dict:
+    """The unsharded weights the forward uses (captured by a forward pre-hook) on each rank."""
+    model = _model()
+    _, scales = _shard(model, world, fp8=True)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    seen: dict[str, torch.Tensor] = {}
+    layer = model.h[0].attn.c_attn
+    layer.register_forward_pre_hook(lambda m, args: seen.update(weight=m.weight.detach().clone(),
+                                                                bias=m.bias.detach().clone()))
+    _backward(model, rank)
+    scale = float(scales.log2_scale[layer.weight])
+    return {"seen": seen, "full": full, "scale": scale}
+
+
+def test_fp8_weight_gather_gives_identical_round_tripped_weights():
+    from fp8train.cast import cast_to_fp8
+    from fp8train.formats import E4M3
+
+    a, b = run_workers(_gather_worker, 2, timeout_s=180)
+    for key in ("weight", "bias"):
+        assert torch.equal(a["seen"][key], b["seen"][key]), "every rank gathers the same bits"
+    weight = a["full"]["h.0.attn.c_attn.weight"]
+    scale = torch.tensor(2.0 ** a["scale"])
+    round_trip = cast_to_fp8(weight, scale, E4M3).to(torch.float32) / scale
+    assert torch.equal(a["seen"]["weight"], round_trip), "FP8 weight: E4M3 codes at the synced scale"
+    assert torch.equal(a["seen"]["bias"], a["full"]["h.0.attn.c_attn.bias"]), "other parameters: their own bytes"
+
+
+def _optim_worker(rank: int, world: int) -> dict:
+    """Fp8AdamW over FSDP2 shards, gradients set by hand to the same full values on every rank."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from fp8train.optim import Fp8AdamW
+
+    model = _model()
+    _shard(model, world, fp8=False)
+    opt = Fp8AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(3):
+        for p in model.parameters():
+            g = torch.randn(p.shape, generator=gen) * 10.0 ** (step - 2)
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+        opt.step()
+    return {"params": {n: p.full_tensor() for n, p in model.named_parameters()},
+            "scales": {k: v.clone() for k, v in opt.log2_scales().items()}}
+
+
+def test_fp8_adamw_on_dtensor_shards_is_bit_identical_to_one_process():
+    from fp8train.optim import Fp8AdamW
+
+    results = run_workers(_optim_worker, 2, timeout_s=180)
+    model = _model()
+    opt = Fp8AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** (step - 2)
+        opt.step()
+    for res in results:
+        for n, p in model.named_parameters():
+            assert torch.equal(res["params"][n], p.detach()), n
+        for k, v in opt.log2_scales().items():
+            assert torch.equal(res["scales"][k], v), k
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_transformer_blocks_are_the_repeated_layers(arch):
+    from fp8train.models.gpt import GPT, GPTConfig
+    from fp8train.models.llama import Llama, LlamaConfig
+    from fp8train.trainer.fsdp_strategy import transformer_blocks
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=3, n_head=2, n_embd=16)) if arch == "gpt" else \
+        Llama(LlamaConfig(vocab_size=64, block_size=8, n_layer=3, n_head=2, n_kv_head=2, n_embd=16))
+    blocks = transformer_blocks(model)
+    assert len(blocks) == 3 and len({type(b) for b in blocks}) == 1
