@@ -72,7 +72,8 @@ def group_segments(module: nn.Module, world_size: int,
 @dataclass(kw_only=True, slots=True)
 class Fp8FsdpComm:
     """What the FP8 collectives of one FSDP2 model did since the last ``pop_stats``: the gradient
-    reduce-scatters' ``CommStats`` (merged, per parameter) and the bytes the weight all-gathers sent."""
+    reduce-scatters' ``CommStats`` (merged, per parameter) and the bytes the weight all-gathers sent in
+    training mode (an evaluation's forward gathers too, but is not a training step's traffic)."""
 
     stats: CommStats = field(default_factory=CommStats)
     weight_bytes_sent: int = 0
@@ -152,7 +153,9 @@ class WeightGatherScales:
 class Fp8AllGather(_Alloc):
     """FSDP2 weight all-gather for one parameter group: FP8 weights as E4M3 codes, the rest as bytes."""
 
-    def __init__(self, segments: list[tuple[str, nn.Parameter, int]], scales: WeightGatherScales, sink: Fp8FsdpComm):
+    def __init__(self, segments: list[tuple[str, nn.Parameter, int]], scales: WeightGatherScales, sink: Fp8FsdpComm,
+                 module: nn.Module | None = None):
+        self.module = module  # its ``training`` flag: the gathers of an evaluation are not counted
         self.params = [p for _, p, _ in segments]
         self.numels = [numel for _, _, numel in segments]
         self.scales, self.sink = scales, sink
@@ -177,7 +180,8 @@ class Fp8AllGather(_Alloc):
             src, dst = src + m, dst + w
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
         dist.all_gather_into_tensor(gathered, payload, group=group)
-        self.sink.weight_bytes_sent += (world - 1) * payload.numel()
+        if self.module is None or self.module.training:
+            self.sink.weight_bytes_sent += (world - 1) * payload.numel()
         for r in range(world):  # every rank's slot decoded, this rank's too: identical weights everywhere
             src, dst = r * payload.numel(), r * n
             for i, (m, w) in enumerate(zip(numels, wire)):
@@ -208,7 +212,7 @@ def register_fp8_fsdp_comm(model: nn.Module, world_size: int, *, grad_config: Fp
         if grad_config is not None:
             module.set_custom_reduce_scatter(Fp8ReduceScatter(segments, grad_config, sink))
         if scales is not None:
-            module.set_custom_all_gather(Fp8AllGather(segments, scales, sink))
+            module.set_custom_all_gather(Fp8AllGather(segments, scales, sink, module))
     if scales is not None:
         scales.refresh_()
     return sink, scales
