@@ -36,7 +36,7 @@ def _compose(overrides: list[str]) -> TrainConfig:
 def test_every_group_has_the_options_the_docs_name():
     assert set(group_options("model")) == {"gpt_tiny", "gpt_small", "llama_tiny", "llama_small", "llama_1b", "hf"}
     assert set(group_options("precision")) == {"fp32", "bf16", "fp8_o1", "fp8_o2", "fp8_o3"}
-    assert set(group_options("parallel")) == {"auto", "ddp", "zero1", "zero2"}
+    assert set(group_options("parallel")) == {"auto", "ddp", "zero1", "zero2", "fsdp2", "deepspeed"}
     assert set(group_options("logging")) == {"wandb_offline", "wandb_disabled", "wandb_online"}
     assert group_options("experiment")
 
@@ -47,6 +47,8 @@ def test_every_option_composes_into_a_typed_config(group_option):
     extra = REQUIRED.get(group_option, [])
     if group == "parallel" and option in ("zero1", "zero2"):
         extra.append("precision=fp8_o1")  # zero needs FP8 gradient communication
+    if group == "parallel" and option == "deepspeed":
+        extra.append("precision.grad_comm=native")  # DeepSpeed's own collectives
     cfg = _compose([f"{group}={option}", *extra])
     if group == "experiment":
         return  # composing and validating is the test

@@ -98,7 +98,7 @@ def _micro_steps(cfg: TrainConfig, step: int, *, strategy: Strategy, sampler: Wi
         with strategy.accumulating(sync=last), forward_ctx_factory(), hooks.micro_step_context(step, micro, last=last):
             _, loss = strategy.module(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True))
             loss = hooks.on_loss(step, micro, loss, last=last)
-            (loss / accum).backward()  # gradients accumulate in their own (high) precision
+            strategy.backward(loss / accum)  # gradients accumulate in their own (high) precision
         step_loss += loss.detach().double()
     return step_loss
 

@@ -3,7 +3,8 @@ whole-tensor ZeRO.
 
 Both give the loop: ``module`` (what the forward runs through), ``accumulating(sync)`` (the context
 of one micro-step's forward+backward: gradients are synchronised only on the last micro-step, so the
-high-precision sum of the micro-batch gradients is quantized ONCE), ``step()`` (synchronise if not
+high-precision sum of the micro-batch gradients is quantized ONCE), ``backward(loss)`` (an engine
+such as DeepSpeed runs its own), ``step()`` (synchronise if not
 done yet, skip on overflow, clip, update) and checkpoint I/O of their optimizer state.
 """
 
@@ -69,6 +70,10 @@ class Strategy(Protocol):
         """Context of one micro-step's forward+backward; ``sync``: the last one, whose gradients are synchronised."""
         ...
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-step's loss (already divided by the accumulation steps), inside ``accumulating``."""
+        ...
+
     def set_lr(self, lr: float) -> None: ...
 
     def step(self) -> StepOutcome:
@@ -127,6 +132,9 @@ class DdpStrategy:
 
     def accumulating(self, sync: bool) -> AbstractContextManager[Any]:
         return nullcontext() if sync else self.module.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -209,6 +217,9 @@ class ZeroStrategy:
         # earlier micro-steps accumulate locally; the last one's backward reduce-scatters bucket by
         # bucket (stage 2, ZeroConfig.overlap_grad_reduce) and step() sends whatever is left
         return self.zero.last_micro_step() if sync else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def set_lr(self, lr: float) -> None:
         if self.zero.optimizer is not None:
