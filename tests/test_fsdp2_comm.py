@@ -6,7 +6,6 @@ synced scale, the others bit-exact), and Fp8AdamW on shards bit-identical to one
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -175,15 +174,3 @@ def test_fp8_adamw_on_dtensor_shards_is_bit_identical_to_one_process():
             assert torch.equal(res["params"][n], p.detach()), n
         for k, v in opt.log2_scales().items():
             assert torch.equal(res["scales"][k], v), k
-
-
-@pytest.mark.parametrize("arch", ["gpt", "llama"])
-def test_transformer_blocks_are_the_repeated_layers(arch):
-    from fp8train.models.gpt import GPT, GPTConfig
-    from fp8train.models.llama import Llama, LlamaConfig
-    from fp8train.trainer.fsdp_strategy import transformer_blocks
-
-    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=3, n_head=2, n_embd=16)) if arch == "gpt" else \
-        Llama(LlamaConfig(vocab_size=64, block_size=8, n_layer=3, n_head=2, n_kv_head=2, n_embd=16))
-    blocks = transformer_blocks(model)
-    assert len(blocks) == 3 and len({type(b) for b in blocks}) == 1

@@ -26,27 +26,14 @@ from fp8train.comm._agree import run_collectively
 from fp8train.comm.fsdp import register_fp8_fsdp_comm
 from fp8train.optim import Fp8AdamW
 from fp8train.trainer.build import build_optimizer
+from fp8train.trainer.compile import transformer_blocks
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
 from fp8train.trainer.strategy import StepOutcome
 
-__all__ = ["FsdpStrategy", "transformer_blocks"]
+__all__ = ["FsdpStrategy"]
 
 _DCP_DIR = "fsdp2_dcp"
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformer: the items of every ``nn.ModuleList`` whose items share one
-    class (GPT's ``h``, Llama's ``layers``, a Hugging Face model's ``model.layers``), outermost lists only."""
-    blocks: list[nn.Module] = []
-    inside: set[int] = set()
-    for module in model.modules():
-        if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(m) for m in module}) == 1:
-            blocks.extend(module)
-            inside.update(id(m) for block in module for m in block.modules())
-    return blocks
 
 
 def _full_float(x: torch.Tensor) -> float:
