@@ -18,7 +18,7 @@ import torch
 from dist_utils import run_workers
 from fp8train.trainer.checkpoint import latest_checkpoint
 from fp8train.trainer.run_log import read_metrics
-from trainer_utils import cli_env, metrics_without_timing, run_cli, tiny_strategy
+from trainer_utils import assert_one_line_error, cli_env, metrics_without_timing, run_cli, tiny_strategy
 
 FP8_O2 = {"gemm": "fp8", "grad_comm": "fp8", "optimizer": "fp8_adamw"}
 STEPS = 20
@@ -121,3 +121,11 @@ def _killed_run(run_dir: Path, cache_dir: Path) -> None:
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resumed from" in proc.stdout + proc.stderr
+
+
+def test_fsdp2_with_fp8_primary_weights_is_a_one_line_error(tmp_path):
+    cache = tmp_path / "cache"
+    proc = run_cli(["experiment=smoke", "parallel=fsdp2", "precision=fp8_o3", f"hydra.run.dir={tmp_path / 'run'}",
+                    f"data.cache_dir={cache}"], tmp_path, cache)
+    assert_one_line_error(proc.returncode, proc.stderr, "needs parallel zero1 or zero2 (got fsdp2)")
+    assert not (tmp_path / "run" / "checkpoints").exists()
