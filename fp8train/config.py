@@ -11,9 +11,10 @@ from fp8train._validate import check_choice, check_int_range, check_type
 from fp8train.formats import FP8_DTYPES, FP8_FORMATS, Fp8Format, format_by_name
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
 
-__all__ = ["AMAX_ALGOS", "BACKENDS", "RECIPES", "Fp8Config"]
+__all__ = ["AMAX_ALGOS", "BACKENDS", "GRANULARITIES", "RECIPES", "Fp8Config"]
 
 RECIPES = ("current", "delayed", "constant")
+GRANULARITIES = ("tensor", "rowwise", "block", "mx")
 AMAX_ALGOS = ("max", "most_recent")
 BACKENDS = ("auto", "emulated", "scaled_mm")
 
@@ -43,6 +44,16 @@ class Fp8Config:
                         accepted too and stored as the name.
     fast_cast:          use the compiled CPU cast kernel for large tensors (bit-identical to the
                         eager cast; off only to avoid torch.compile start-up cost).
+    granularity:        what one power-of-two scale covers (fp8train/blocks.py, docs/design.md):
+                        "tensor"  the whole tensor (default; the Graphcore paper's scaling bias);
+                        "rowwise" one row of each GEMM operand along the GEMM's reduction dim;
+                        "block"   1x128 tiles of inputs and output gradients, 128x128 blocks of
+                                  weights (DeepSeek-V3, Transformer Engine's Float8BlockScaling);
+                        "mx"      blocks of 32 along the reduction dim, scales stored as E8M0
+                                  (torch.float8_e8m0fnu; OCP MX, Blackwell-native).
+                        Finer than "tensor" needs recipe="current" (a just-in-time amax per block;
+                        anything else is a config error), fp8_weight=False, and backend "auto" or
+                        "emulated" ("scaled_mm" also runs "rowwise").
     """
 
     recipe: str = "current"
@@ -53,6 +64,7 @@ class Fp8Config:
     backend: str = "auto"
     grad_output_format: str = "e5m2"
     fast_cast: bool = True
+    granularity: str = "tensor"
 
     def __post_init__(self) -> None:
         owner = "Fp8Config"
@@ -71,6 +83,13 @@ class Fp8Config:
         check_choice(owner, "backend", self.backend, BACKENDS)
         check_choice(owner, "grad_output_format", self.grad_output_format, tuple(FP8_FORMATS))
         check_type(owner, "fast_cast", self.fast_cast, bool)
+        check_choice(owner, "granularity", self.granularity, GRANULARITIES)
+        if self.granularity != "tensor" and self.recipe != "current":
+            raise ValueError(f"Fp8Config.granularity={self.granularity!r} needs recipe='current' (a just-in-time "
+                             f"amax per row/block), got recipe={self.recipe!r}; allowed with it: 'tensor'")
+        if self.granularity in ("block", "mx") and self.backend == "scaled_mm":
+            raise ValueError(f"Fp8Config.backend='scaled_mm' runs granularity 'tensor' or 'rowwise' only, got "
+                             f"granularity={self.granularity!r}; allowed backends for it: 'auto', 'emulated'")
         if self.grad_output_format == "e4m3":
             warnings.warn("Fp8Config.grad_output_format='e4m3': output gradients get 3 mantissa bits "
                           "but only 2**17.8 of range; expect more saturation/underflow than 'e5m2'",

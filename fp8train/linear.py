@@ -16,6 +16,8 @@ Saved for backward are the FP8 copies of x and w (1 byte per element instead of 
 the backward keeps x^T and w^T instead (``Fp8Tensor.data_t``): no copy after the cast in dgrad/wgrad.
 torch.compile: the casts of x and w (and their scaling-state updates) run in the module's forward,
 dy's in the backward; the whole layer traces with no graph break (tests/test_compile.py).
+Finer scales (``Fp8Config.granularity`` != "tensor"): the same three GEMMs on operands cast per
+row/block along each GEMM's reduction dim, in fp8train/linear_blocks.py (fp8train/blocks.py).
 Overflow: an inf/NaN in x, w or dy makes that cast's scale_inv NaN (``ScalingState``), so the GEMMs
 using it return NaN (x: y and dw; w: y and dx; dy: dx and dw) although the cast clamped the inf to
 fmax: a bias-free layer cannot turn an overflow into finite gradients and a step that is taken.
@@ -42,6 +44,7 @@ from torch import nn
 from fp8train.config import Fp8Config
 from fp8train.formats import E4M3
 from fp8train.gemm import fp8_mm
+from fp8train.linear_blocks import blocks_linear_forward
 from fp8train.scaling_state import ScalingState
 from fp8train.tensor import Fp8Tensor
 
@@ -122,6 +125,9 @@ class Fp8Linear(nn.Linear):
         if fp8_weight not in (True, False):
             raise ValueError(f"Fp8Linear.fp8_weight={fp8_weight!r} is not allowed; allowed values: True, False")
         self.config = config or Fp8Config()
+        if fp8_weight and self.config.granularity != "tensor":  # one scale_inv per weight: per-tensor codes
+            raise ValueError(f"Fp8Linear.fp8_weight=True needs Fp8Config.granularity='tensor', got "
+                             f"{self.config.granularity!r}; allowed with finer scales: fp8_weight=False")
         state_device = self.weight.device
         self.input_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.weight_scaling = ScalingState(E4M3, self.config, device=state_device)
@@ -162,19 +168,29 @@ class Fp8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         fp8_weight = ", fp8_weight=True" if self.fp8_weight else ""
-        return f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}{fp8_weight}"
+        granularity = "" if self.config.granularity == "tensor" else f", granularity={self.config.granularity}"
+        return (f"{super().extra_repr()}, recipe={self.config.recipe}, backend={self.config.backend}"
+                f"{granularity}{fp8_weight}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = _output_dtype(x)
         transposed = self._wants_transposes(x.device)
+        weight = self._weight_out_in()                                                                # (out, in)
+        if self.config.granularity != "tensor":  # finer scales: fp8train/linear_blocks.py
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return blocks_linear_forward(self, x, weight, out_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x_fp8 = self.input_scaling.quantize(x.reshape(-1, x.shape[-1]), transposed=transposed)   # (M, in)
             if self.fp8_weight:  # stored codes: no cast (the transposed layout is a 1-byte copy)
                 w_fp8 = self.stored_fp8_weight(transposed=transposed)
             else:
-                w_fp8 = self.weight_scaling.quantize(self.weight, transposed=transposed)              # (out, in)
-            return _Fp8LinearFn.apply(x, self.weight, self.bias, x_fp8, w_fp8, self, out_dtype,
+                w_fp8 = self.weight_scaling.quantize(weight, transposed=transposed)                   # (out, in)
+            return _Fp8LinearFn.apply(x, weight, self.bias, x_fp8, w_fp8, self, out_dtype,
                                       self._dy_has_history())
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """The weight as the GEMMs' (out, in) operand: ``weight`` (Fp8Conv1D: a transposed view)."""
+        return self.weight
 
     def _wants_transposes(self, device: torch.device) -> bool:
         """Whether the casts also write transposed codes: for ``torch._scaled_mm`` (explicitly, or

@@ -24,7 +24,8 @@ import math
 import torch
 from torch import nn
 
-from fp8train.cast import cast_to_fp8, cast_to_fp8_fused, cast_to_fp8_with_transpose, quantization_stats
+from fp8train.blocks import block_cast_stats, quantize_blocks
+from fp8train.cast import Fp8CastStats, cast_to_fp8, cast_to_fp8_fused, cast_to_fp8_with_transpose, quantization_stats
 from fp8train.config import Fp8Config
 from fp8train.formats import Fp8Format, as_fp8_format
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
@@ -49,6 +50,13 @@ class ScalingState(nn.Module):
     counts its elements into ``stat_numel``, ``stat_nonzero``, ``stat_saturated`` (|x * scale| >
     fmax, clamped) and ``stat_underflowed`` (x != 0 that became 0): a few extra passes over the
     tensor, so a monitor switches it on only for sampled steps (``reset_stats`` zeroes the counts).
+    Finer granularities (``quantize(..., block=...)``) also keep ``stat_block_bias`` (3,) fp32: the
+    min and max block bias over the sampled casts and the median of the last one (0 before one).
+
+    Finer granularities (``Fp8Config.granularity``, recipe "current"): each cast has one bias per
+    row/block (fp8train/blocks.py); ``log2_scale`` holds the tensor's (its largest block's, the min
+    block bias), ``amax_history`` the tensor's amax, so the persistent state (what a checkpoint holds)
+    is the per-tensor one. An operand cast once per GEMM layout counts once per cast in ``n_casts``.
     """
 
     def __init__(self, fmt: Fp8Format | torch.dtype | str, config: Fp8Config, *,
@@ -59,6 +67,7 @@ class ScalingState(nn.Module):
         self.margin = config.margin
         self.amax_compute_algo = config.amax_compute_algo
         self.fast_cast = config.fast_cast
+        self.e8m0_scales = config.granularity == "mx"
         history_len = config.amax_history_len if config.recipe == "delayed" else 1
         initial_log2 = float(config.constant_bias) if config.recipe == "constant" else 0.0
         f32 = dict(dtype=torch.float32, device=device)
@@ -73,13 +82,16 @@ class ScalingState(nn.Module):
         self.has_history = False
         for name in _STAT_BUFFERS:
             self.register_buffer(name, torch.zeros((), **i64), persistent=False)
+        self.register_buffer("stat_block_bias", torch.zeros(3, **f32), persistent=False)
 
     def reset_stats(self) -> None:
         for name in _STAT_BUFFERS:
             getattr(self, name).zero_()
+        self.stat_block_bias.zero_()
 
-    def _count(self, x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor) -> None:
-        stats = quantization_stats(x_hp, scale, x_fp8, self.fmt)
+    def _count(self, x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor,
+               stats: Fp8CastStats | None = None) -> None:
+        stats = quantization_stats(x_hp, scale, x_fp8, self.fmt) if stats is None else stats
         self.stat_numel.add_(stats.numel)
         self.stat_nonzero.add_((x_hp != 0).sum())
         self.stat_saturated.add_(stats.saturated)
@@ -117,6 +129,25 @@ class ScalingState(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.n_casts.device.type != "meta":  # one host read, at load time
             self.has_history = bool(self.n_casts > 0)
+
+    @torch.no_grad()
+    def quantize_blocks(self, x_hp: torch.Tensor, block: tuple[int, int]) -> Fp8Tensor:
+        """Cast a 2-D ``x_hp`` with one scale per ``block`` (rows, cols; 0 = whole dim; recipe
+        "current", fp8train/blocks.py) and update the state with the tensor's amax and bias."""
+        cast = quantize_blocks(x_hp, self.fmt, block, margin=self.margin, e8m0=self.e8m0_scales,
+                               prev_log2_scale=self.log2_scale)
+        biases = cast.block_log2_scale.flatten()
+        if self.sample_stats and biases.numel():
+            first = self.stat_numel == 0  # the first sampled cast since reset_stats
+            last = torch.stack([biases.min(), biases.median(), biases.max()])
+            prev = self.stat_block_bias
+            self.stat_block_bias.copy_(torch.stack([
+                torch.where(first, last[0], torch.minimum(prev[0], last[0])), last[1],
+                torch.where(first, last[2], torch.maximum(prev[2], last[2]))]))
+            self._count(x_hp, None, cast.tensor.data, stats=block_cast_stats(x_hp, cast))
+        self._record(cast.amax)
+        self.log2_scale.copy_(cast.log2_scale)
+        return cast.tensor
 
     @torch.no_grad()
     def quantize(self, x_hp: torch.Tensor, *, has_history: bool | None = None, transposed: bool = False) -> Fp8Tensor:

@@ -15,7 +15,15 @@ from fp8train.cast import Fp8CastStats, cast_to_fp8, quantization_stats
 from fp8train.formats import E4M3, FP8_FORMATS, Fp8Format, as_fp8_format
 from fp8train.scaling import amax_to_scale, tensor_to_amax
 
-__all__ = ["Fp8Tensor", "dequantize", "quantize"]
+__all__ = ["Fp8Tensor", "dequantize", "expand_block_scales", "quantize"]
+
+
+def expand_block_scales(scales: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """One value per element from one per ``block`` (rows, cols) of a 2-D tensor of ``shape``: the
+    (ceil(R/br), ceil(C/bc)) grid repeated over each block, cropped where the last block is partial."""
+    rows, cols = block
+    full = scales.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return full[: shape[0], : shape[1]]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -27,6 +35,10 @@ class Fp8Tensor:
     data_t:     2-D only, optional: the same codes transposed and contiguous, written by the cast
                 (``ScalingState.quantize(..., transposed=True)``), so that a GEMM wanting the other
                 layout (``torch._scaled_mm``: row-major a, column-major b) needs no copy after the cast.
+    block:      None (per-tensor: 0-d ``scale_inv``), or the (rows, cols) that one scale covers in a
+                2-D tensor (``Fp8Config.granularity``, fp8train/blocks.py): ``scale_inv`` is then
+                (ceil(R/rows), ceil(C/cols)), fp32 or E8M0 (``torch.float8_e8m0fnu``, MX), each entry
+                a power of two; the last block of a ragged dim is partial.
     """
 
     data: torch.Tensor
@@ -34,6 +46,7 @@ class Fp8Tensor:
     orig_dtype: torch.dtype
     stats: Fp8CastStats | None = None
     data_t: torch.Tensor | None = None
+    block: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.data.dtype not in {f.dtype for f in FP8_FORMATS.values()}:
@@ -50,17 +63,23 @@ class Fp8Tensor:
     @property
     def log2_scale(self) -> torch.Tensor:
         """The scaling bias: log2 of the scale (an integer-valued fp32 tensor)."""
-        return -torch.log2(self.scale_inv)
+        return -torch.log2(self.scale_inv.to(torch.float32))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """data * scale_inv in fp32 (exact: a power-of-two scale), then cast to ``dtype``
-        (default ``orig_dtype``)."""
-        x_fp32 = self.data.to(torch.float32) * self.scale_inv
+        """data * scale_inv in fp32 (exact: a power-of-two scale, per tensor or per block), then cast
+        to ``dtype`` (default ``orig_dtype``)."""
+        scale_inv = self.scale_inv.to(torch.float32)
+        if self.block is not None:
+            scale_inv = expand_block_scales(scale_inv, self.block, self.data.shape)
+        x_fp32 = self.data.to(torch.float32) * scale_inv
         return x_fp32.to(dtype or self.orig_dtype)
 
     def t(self) -> Fp8Tensor:
         """Transposed 2-D tensor, same scale: a view, or the stored transposed copy when there is
-        one (the two layouts swap, so ``x.t().t()`` has ``x``'s)."""
+        one (the two layouts swap, so ``x.t().t()`` has ``x``'s). Block scales transpose with it."""
+        if self.block is not None:
+            return Fp8Tensor(data=self.data.t(), scale_inv=self.scale_inv.t(), orig_dtype=self.orig_dtype,
+                             block=(self.block[1], self.block[0]))
         if self.data_t is None:
             return Fp8Tensor(data=self.data.t(), scale_inv=self.scale_inv, orig_dtype=self.orig_dtype)
         return Fp8Tensor(data=self.data_t, scale_inv=self.scale_inv, orig_dtype=self.orig_dtype, data_t=self.data)

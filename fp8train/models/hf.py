@@ -8,11 +8,11 @@ the architecture with random weights and downloads nothing (no Hub access; the t
 
 Conversion: ``convert_to_fp8`` swaps ``nn.Linear`` modules and keeps the last one registered (the
 output head) in high precision. Llama / Mistral / Qwen2-style models (``q/k/v/o_proj``,
-``gate/up/down_proj``, then ``lm_head``) are the supported ones: every projection is an
-``nn.Linear`` and ``lm_head`` is registered last. GPT-2 (``transformers.GPT2Config``) builds and
-trains, but its attention and MLP use transformers' ``Conv1D``, not ``nn.Linear``, so neither
-``convert_to_fp8`` nor ``convert_to_bf16_emulated`` converts them: they stay in full precision
-(``build_hf_causal_lm`` warns).
+``gate/up/down_proj``, then ``lm_head``): every projection is an ``nn.Linear`` and ``lm_head`` is
+registered last. GPT-2 (``transformers.GPT2Config``): its attention and MLP use transformers'
+``Conv1D`` (weight (in, out)), which ``convert_to_fp8`` swaps for ``fp8train.conv1d.Fp8Conv1D``
+(same parameters); ``convert_to_bf16_emulated`` and ``convert_to_te`` do not convert them: there
+they stay in full precision (``build_hf_causal_lm`` warns).
 """
 
 from __future__ import annotations
@@ -169,13 +169,14 @@ def build_hf_causal_lm(config_class: str, config_kwargs: Mapping[str, Any], *, v
 
 
 def _warn_on_unconverted_layers(model: HfCausalLM, name: str) -> None:
-    """Warn where convert_to_fp8's assumptions do not hold: GEMM layers that are not nn.Linear
-    (GPT-2's Conv1D), or an output head that is not the last nn.Linear registered."""
+    """Warn where the converters' assumptions do not hold: GEMM layers that are not nn.Linear
+    (GPT-2's Conv1D: convert_to_fp8 converts them, the bf16 emulation and TE do not), or an output
+    head that is not the last nn.Linear registered."""
     conv1d = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     if conv1d:
         warnings.warn(f"{name} computes with {len(conv1d)} transformers Conv1D layers (e.g. {conv1d[0]}), "
-                      "which convert_to_fp8 and convert_to_bf16_emulated do not convert: they stay in "
-                      "full precision; use a Llama/Mistral/Qwen2-style config for FP8", UserWarning,
+                      "which convert_to_fp8 converts but convert_to_bf16_emulated (precision=bf16 on CPU) and "
+                      "convert_to_te do not convert: there they stay in full precision", UserWarning,
                       stacklevel=3)
     head = model.hf_model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

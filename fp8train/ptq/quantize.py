@@ -8,6 +8,8 @@ two recipes (its Table 3 and Figure 5):
                         bias floor(log2(448 / amax)) of that very tensor (``Fp8Config(recipe="current")``).
   "cscale" (FP8-CSCALE) one constant scaling bias k for every tensor: stored value x * 2**k, no amax at
                         all (``Fp8Config(recipe="constant", constant_bias=k)``).
+With "amax", ``granularity=`` "rowwise" / "block" / "mx" scales per row or block instead
+(``Fp8Config.granularity``, fp8train/blocks.py); the CSCALE sweep stays per tensor.
 
 Numerics of a converted layer (``Fp8Linear``, forward only): the input x and the weight w are cast
 to E4M3 (3 mantissa bits, max 448, smallest subnormal 2**-9) as clamp(x * 2**k, -448, 448) rounded to
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fp8train.config import Fp8Config
+from fp8train.config import GRANULARITIES, Fp8Config
 from fp8train.convert import _output_head_fqn, convert_to_fp8, replace_submodules
 from fp8train.linear import Fp8Linear
 from fp8train.scaling import LOG2_SCALE_MAX, LOG2_SCALE_MIN
@@ -75,24 +77,32 @@ def _check_args(recipe: object, bias: object) -> None:
 
 
 def quantize_for_inference(model: nn.Module, *, recipe: str = "amax", bias: int | None = None,
-                           skip_output_head: bool = True) -> nn.Module:
+                           skip_output_head: bool = True, granularity: str = "tensor") -> nn.Module:
     """Convert ``model``'s linear layers to FP8 for inference, in place; returns it in eval mode.
 
     recipe:           "amax" (FP8-AMAX, just-in-time per-tensor amax; ``bias`` must be None) or
                       "cscale" (FP8-CSCALE, the constant scaling bias ``bias`` for inputs and weights).
     bias:             cscale: log2 of the scale, an int in [LOG2_SCALE_MIN, LOG2_SCALE_MAX].
     skip_output_head: keep the output head (the last linear layer) in its trained precision.
+    granularity:      amax: what one scale covers, ``Fp8Config.granularity`` ("tensor", "rowwise",
+                      "block", "mx"); cscale stays per tensor (one bias for the whole sweep).
 
     Converted: every ``nn.Linear`` and ``Bf16Linear`` with both dims multiples of 16 (see
     ``convert_to_fp8``); parameters are shared, not copied. ValueError (one line) for bad arguments
     or a model that already has ``Fp8Linear`` layers (see the module docstring).
     """
     _check_args(recipe, bias)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"quantize_for_inference: granularity={granularity!r} is not allowed; allowed values: "
+                         + ", ".join(map(repr, GRANULARITIES)))
+    if recipe == "cscale" and granularity != "tensor":
+        raise ValueError(f"quantize_for_inference: granularity={granularity!r} is not allowed with recipe='cscale' "
+                         "(one constant bias per tensor); allowed: granularity='tensor'")
     n_fp8 = sum(isinstance(m, Fp8Linear) for m in model.modules())
     if n_fp8:
         raise ValueError(f"quantize_for_inference: the model already has {n_fp8} Fp8Linear layers (trained in FP8); "
                          "evaluate it as trained, or load its weights into a high-precision model and quantize that")
-    config = (Fp8Config(recipe="current") if recipe == "amax"
+    config = (Fp8Config(recipe="current", granularity=granularity) if recipe == "amax"
               else Fp8Config(recipe="constant", constant_bias=bias))
     head = _output_head_fqn(model) if skip_output_head else None
     # Bf16Linear -> plain nn.Linear on the same Parameters, so that convert_to_fp8 sees only plain

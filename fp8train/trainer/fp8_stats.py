@@ -10,7 +10,11 @@ draws one line per decoder layer:
               master (Fp8AdamW state);
   stat        scaling_bias (log2 of the power-of-two scale: the Graphcore paper's scaling bias), amax,
               saturated_frac (elements clamped to the format's max), underflow_frac (non-zero
-              elements that became 0, over the non-zero elements).
+              elements that became 0, over the non-zero elements); with finer scales
+              (``Fp8Config.granularity`` != "tensor"; scaling_bias is then the tensor's, i.e. its
+              largest block's) also block_bias_min / block_bias_median / block_bias_max, the
+              spread of the per-row/block biases (min and max over the sampled step's casts,
+              median of its last cast), on sampled steps.
 Cast roles report rank 0's tensors (each rank scales its own activations); the bias is the one in
 effect for the last cast (delayed recipe: the next cast's). Collecting costs one host transfer per
 group of metrics; counting saturation/underflow costs a few passes per cast, on sampled steps only.
@@ -27,11 +31,12 @@ from torch import nn
 from fp8train.linear import Fp8Linear
 from fp8train.scaling_state import ScalingState
 
-__all__ = ["CAST_ROLES", "STATS", "arm_cast_stats", "bias_histograms", "cast_metrics", "layer_key",
+__all__ = ["BLOCK_STATS", "CAST_ROLES", "STATS", "arm_cast_stats", "bias_histograms", "cast_metrics", "layer_key",
            "optimizer_metrics", "parse_key", "wgrad_metrics"]
 
 CAST_ROLES = ("input", "weight", "grad_output")
 STATS = ("scaling_bias", "amax", "saturated_frac", "underflow_frac")
+BLOCK_STATS = ("block_bias_min", "block_bias_median", "block_bias_max")  # finer granularities only
 
 # module-name suffixes of the known projections -> canonical linear type
 _LAYER_TYPES = {
@@ -89,6 +94,9 @@ def cast_metrics(model: nn.Module) -> dict[str, float]:
             if int(state.stat_numel) > 0:
                 entries += [(f"{base}/saturated_frac/{idx}", _frac(state.stat_saturated, state.stat_numel)),
                             (f"{base}/underflow_frac/{idx}", _frac(state.stat_underflowed, state.stat_nonzero))]
+                if layer.config.granularity != "tensor":
+                    entries += [(f"{base}/{stat}/{idx}", state.stat_block_bias[i])
+                                for i, stat in enumerate(BLOCK_STATS)]
     return _collect(entries)
 
 
