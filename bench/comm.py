@@ -103,7 +103,7 @@ def _fp8_phases(grads: list[torch.Tensor], config: Fp8CommConfig) -> dict[str, f
     coll = Collectives(None, CommStats(), config.exchange, config.p2p_piece_bytes)
     t: dict[str, float] = {}
     start = time.perf_counter()
-    log2_scale, _ = _sync_log2_scales(grads, fmt, config.margin, coll)
+    log2_scale, _, _ = _sync_log2_scales(grads, fmt, config.margin, coll)
     t["amax + sync"] = time.perf_counter() - start
     flat = None
     codec = BucketCodec(grads, layout, log2_scale, fmt)

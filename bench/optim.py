@@ -60,11 +60,12 @@ class Case:
 
 
 def _synced_grad_amax(params: list[torch.nn.Parameter]) -> dict:
-    """What the trainer's FP8 gradient sync hands the step (``CommStats.grad_amax``): the bound
-    fmt.max * 2**-s from each tensor's shared scale s, here computed from this process's gradients, untimed."""
+    """What the trainer's FP8 gradient sync hands the step (``CommStats.grad_amax``): the bound from each
+    tensor's shared scale and global amax (~1.13 x max|g| for e4m3), from this process's gradients, untimed."""
     grads = [p.grad for p in params]
-    log2_scale = amax_to_log2_scale(torch.stack([g.abs().max().float() for g in grads]), E4M3)
-    return {"grad_amax": dict(zip(params, synced_grad_amax(log2_scale, E4M3, grads)))}
+    amax = torch.stack([g.abs().max().float() for g in grads])
+    log2_scale = amax_to_log2_scale(amax, E4M3)
+    return {"grad_amax": dict(zip(params, synced_grad_amax(log2_scale, E4M3, grads, amax)))}
 
 
 CASES = [

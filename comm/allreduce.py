@@ -63,9 +63,10 @@ def _check_grads(grads: Sequence[torch.Tensor]) -> None:
                              "a bucket must live on one device")
 
 
-def _sync_log2_scales(grads: Sequence[torch.Tensor], fmt: Fp8Format, margin: int,
-                      coll: Collectives, scale_groups: Sequence[int] | None = None) -> tuple[torch.Tensor, bool]:
-    """Steps 1-3: shared scaling biases (n,) and whether any rank holds an inf/NaN gradient.
+def _sync_log2_scales(grads: Sequence[torch.Tensor], fmt: Fp8Format, margin: int, coll: Collectives,
+                      scale_groups: Sequence[int] | None = None) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """Steps 1-3: shared scaling biases (n,), whether any rank holds an inf/NaN gradient, and the
+    global amax (n,) each bias came from.
     ``scale_groups``: (n,) group index of each tensor; tensors of one group share one scale, from the
     largest amax among them (e.g. the per-rank pieces of one parameter)."""
     # per-tensor aminmax, not _foreach_norm(ord=inf): the latter runs at ~2 GB/s on CPU, aminmax at
@@ -78,25 +79,33 @@ def _sync_log2_scales(grads: Sequence[torch.Tensor], fmt: Fp8Format, margin: int
         group_amax = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=amax.dtype, device=amax.device)
         amax = group_amax.scatter_reduce_(0, index, amax, reduce="amax")[index]
     found_inf = not bool(torch.isfinite(amax).all())  # the one host read of the bucket's amax
-    return amax_to_log2_scale(amax, fmt, margin=margin), found_inf
+    return amax_to_log2_scale(amax, fmt, margin=margin), found_inf, amax
 
 
-def synced_grad_amax(log2_scale: torch.Tensor, fmt: Fp8Format, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(n,) fp32 upper bounds of max |g| of the gradients this module writes, known from the shared scales
-    alone (no read of the gradients): fmt.max * 2**-log2_scale, capped at the max of each gradient's dtype.
+def synced_grad_amax(log2_scale: torch.Tensor, fmt: Fp8Format, grads: Sequence[torch.Tensor],
+                     amax: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) fp32 upper bounds of max |g| of the gradients this module writes, known without reading them:
+    from the shared scale s and the global amax A of what the ranks sent (MAX-reduced, step 2),
+    min(fmt.max, A s (1 + e)**2 + 3 d) * 2**-s, capped at the max of each gradient's dtype.
 
-    Why it bounds them: every code on the wire is at most fmt.max in magnitude (quantization saturates);
-    the mean of N decoded codes is at most fmt.max too (each partial sum of values <= fmt.max is at most
-    k * fmt.max, a number fp32 holds exactly, and rounding is monotone; dividing N * fmt.max by N is
-    exact); the requantized mean is again a code; times scale_inv, a power of two, is exact or smaller
-    (underflow); the decode clamps to the dtype's max. The product is formed in float64 (exact: a
-    power of two times fmt.max), widened by 2**-20 and rounded up to fp32, a margin for any other
-    summation order. Against the exact amax it is at most 2**(1 + margin) times the largest |g| any rank
-    sent, and looser where averaging over ranks shrinks the mean."""
-    bound = (fmt.max * torch.exp2(-log2_scale.to(torch.float64))) * (1.0 + 2.0**-20)
-    bound = torch.nextafter(bound.to(torch.float32), torch.tensor(float("inf")))
+    Why it bounds them (e = 2**-(mantissa_bits + 1), round-to-nearest's relative error; d = half the
+    format's smallest subnormal, its absolute error there): a quantized input is at most
+    A s (1 + e) + d, and never above fmt.max (saturation); the mean of N of them is at most the
+    largest (each partial sum of values <= Q is at most k Q, which fp32 holds exactly for these codes,
+    rounding is monotone, and N Q / N is exact); the requantized mean adds one more rounding,
+    (A s (1 + e) + d)(1 + e) + d <= A s (1 + e)**2 + 3 d; times scale_inv (a power of two) is exact
+    or smaller; the decode clamps to the dtype's max. Formed in float64, widened by 2**-20 and
+    rounded up to fp32: a margin for any other summation order. It is about 1.13 A for e4m3 (1.27 for
+    e5m2); without ``amax``, fmt.max * 2**-s alone (up to 2**(1 + margin) A)."""
+    s = log2_scale.to(torch.float64)
+    bound = torch.full_like(s, fmt.max)
+    if amax is not None:
+        e, d = 2.0 ** -(fmt.mantissa_bits + 1), 0.5 * fmt.min_subnormal
+        bound = torch.minimum(bound, amax.to(torch.float64) * torch.exp2(s) * (1.0 + e) ** 2 + 3.0 * d)
+    bound = (bound * torch.exp2(-s)) * (1.0 + 2.0**-20)
+    bound = torch.nextafter(bound.to(torch.float32), torch.tensor(float("inf"))).cpu()
     dtype_max = torch.tensor([torch.finfo(g.dtype).max for g in grads], dtype=torch.float32)
-    return torch.minimum(bound.cpu(), dtype_max)
+    return torch.minimum(bound, dtype_max)
 
 
 def _quantize_flat(codec: BucketCodec, stats: CommStats, quant_stats: bool) -> torch.Tensor:
@@ -123,8 +132,8 @@ def _all_reduce_bucket(grads: Sequence[torch.Tensor], config: Fp8CommConfig, gro
     fmt, layout = config.fp8_format, FlatLayout.of(grads)
     stats = CommStats(elements=layout.numel)
     coll = Collectives(group, stats, config.exchange, config.p2p_piece_bytes)
-    log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll)
-    stats.log2_scales, stats.grad_amax = log2_scale.cpu(), synced_grad_amax(log2_scale, fmt, grads)
+    log2_scale, stats.found_inf, amax = _sync_log2_scales(grads, fmt, config.margin, coll)
+    stats.log2_scales, stats.grad_amax = log2_scale.cpu(), synced_grad_amax(log2_scale, fmt, grads, amax)
     if stats.found_inf:
         return stats
     if coll.p2p:
@@ -191,8 +200,8 @@ def fp8_reduce_scatter(grads: Sequence[torch.Tensor], bounds: Sequence[int], *,
                          f"from 0 to {layout.numel}; got {list(bounds)}")
     if not grads:
         return torch.zeros(0), stats
-    log2_scale, stats.found_inf = _sync_log2_scales(grads, fmt, config.margin, coll, scale_groups)
-    stats.log2_scales, stats.grad_amax = log2_scale.cpu(), synced_grad_amax(log2_scale, fmt, grads)
+    log2_scale, stats.found_inf, amax = _sync_log2_scales(grads, fmt, config.margin, coll, scale_groups)
+    stats.log2_scales, stats.grad_amax = log2_scale.cpu(), synced_grad_amax(log2_scale, fmt, grads, amax)
     if stats.found_inf:
         return None, stats
     flat = _quantize_flat(BucketCodec(grads, layout, log2_scale, fmt), stats, quant_stats)
