@@ -21,7 +21,11 @@ def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)  # comm_model puts bench/ on sys.path for _scaling and _timing
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)  # comm_model puts bench/ on sys.path for _scaling and _timing
+    finally:  # ... and must not leave it there: bench/comm.py would shadow the top-level name "comm"
+        sys.path[:] = saved
     return module
 
 
