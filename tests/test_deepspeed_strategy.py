@@ -100,6 +100,7 @@ def parity_runs() -> list[dict]:
 LOSS_SQNR_FLOOR_DB = 55.0
 
 
+@pytest.mark.reliability  # three 20-step runs on 2 ranks (~40 s): kept out of the default suite's time budget
 @pytest.mark.parametrize("run", ["zero1", "zero3"])
 def test_deepspeed_trains_like_ddp_and_keeps_the_ranks_identical(parity_runs, run):
     for rank, runs in enumerate(parity_runs):
@@ -209,6 +210,7 @@ def resume_runs(tmp_path_factory) -> list[dict]:
     return run_workers(_resume_worker, 2, str(tmp_path_factory.mktemp("deepspeed_ckpt")), timeout_s=180)
 
 
+@pytest.mark.reliability  # save + load at three stages on 2 ranks (~25 s)
 @pytest.mark.parametrize("stage", RESUME_STAGES)
 def test_checkpoint_resumes_bit_for_bit_and_refuses_another_world_size(resume_runs, stage):
     for r in (runs[stage] for runs in resume_runs):

@@ -53,6 +53,7 @@ def _train_worker(rank: int, world: int, parallel: str, poison_step: int | None)
             **around_poison}
 
 
+@pytest.mark.reliability  # two 20-step runs on 2 ranks (~40 s): kept out of the default suite's time budget
 def test_fsdp2_follows_ddp_and_keeps_ranks_identical():
     fsdp = run_workers(_train_worker, 2, "fsdp2", None, timeout_s=240)
     ddp = run_workers(_train_worker, 2, "ddp", None, timeout_s=240)
