@@ -2,8 +2,9 @@
 protocol the loop calls (accumulating / backward / step / zero_grad / save / load): ZeRO-1 and ZeRO-3
 train like DDP (both fp8_o2 with native gradient communication), an inf/NaN gradient on one rank skips
 the step on every rank at every stage, checkpoints resume bit for bit (and refuse another world size in
-one line), and the config errors of impossible combinations. The CLI runs (a rank killed mid-way and
-restarted by torchrun; a resume at another world size) are reliability tests."""
+one line), and the config errors of impossible combinations. The parity and checkpoint runs, and the
+CLI runs (a rank killed mid-way and restarted by torchrun; a resume at another world size), are
+reliability tests (``make test-reliability``, run by CI after the default suite)."""
 
 from __future__ import annotations
 
