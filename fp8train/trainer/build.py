@@ -42,7 +42,9 @@ def build_model(cfg: ModelConfig, *, seed: int, device: torch.device) -> nn.Modu
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Elements of every parameter, whole: DeepSpeed ZeRO-3 leaves each an empty placeholder with its
+    full size in ``ds_numel``; an FSDP2 DTensor's numel is already the whole tensor's."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def _param_groups(params: Iterable[nn.Parameter], weight_decay: float,
