@@ -77,6 +77,17 @@ def run(name: str, overrides: list[str], *, model: str, corpus: Path | None, see
     return {"val_loss": val[-1], "tokens_per_s": statistics.fmean(speeds[1:] or speeds), "records": records}
 
 
+def finished_run(run_dir: Path, steps: int) -> dict | None:
+    """A finished run's result from its directory (``--report-only``), or None if it did not finish."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    records = read_metrics(run_dir)
+    val = [r["val/loss"] for r in records if "val/loss" in r and r["step"] == steps]
+    speeds = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r]
+    return {"val_loss": val[-1], "tokens_per_s": statistics.fmean(speeds[1:] or speeds), "records": records} \
+        if val else None
+
+
 def _gap(a: float, b: float) -> float:
     return 100.0 * (a - b) / b
 
@@ -85,6 +96,7 @@ def report(results: dict, seeds: list[int]) -> list[str]:
     """Markdown tables, one per (model, corpus): the paired gaps to fp32 and bf16 and the verdicts."""
     lines = []
     for (model, corpus), by_config in results.items():
+        by_config = {name: per for name, per in by_config.items() if all(s in per for s in seeds)}  # paired only
         lines += [f"### {model} on {corpus}", "",
                   "| configuration | val loss (mean) | gap to fp32 %, mean [min, max] | gap to bf16 %, mean [min, max] "
                   "| tokens/s (CPU, emulated FP8) | target (<= +0.25 % vs bf16) |", "|---|---|---|---|---|---|"]
@@ -114,6 +126,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="runs, results.json, plots")
     parser.add_argument("--dry-run", action="store_true", help="4 steps, seed 0, 2 eval batches, llama_tiny")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tables and plots from the runs already finished under --out")
     args = parser.parse_args()
     if args.dry_run:
         args.models, args.steps, args.seeds, args.eval_batches = "llama_tiny", 4, [0], 2
@@ -126,14 +140,18 @@ def main() -> None:
             for name, overrides in configs.items():
                 for seed in args.seeds:
                     run_dir = args.out / "runs" / f"{model}-{corpus_name}-{name.replace(' ', '_')}-s{seed}"
+                    if args.report_only:
+                        if (done := finished_run(run_dir, args.steps)) is not None:
+                            by_config.setdefault(name, {})[seed] = done
+                        continue
                     shutil.rmtree(run_dir, ignore_errors=True)
                     by_config.setdefault(name, {})[seed] = run(name, overrides, model=model, corpus=corpus, seed=seed,
                                                                steps=args.steps, eval_batches=args.eval_batches,
                                                                run_dir=run_dir)
                     print(f"{model} {corpus_name} {name} seed {seed}: val loss "
                           f"{by_config[name][seed]['val_loss']:.5f}", flush=True)
-            plot_losses({name: per_seed[args.seeds[0]]["records"] for name, per_seed in by_config.items()},
-                        args.out / f"loss_{model}_{corpus_name}.png")
+            plot_losses({name: per_seed[args.seeds[0]]["records"] for name, per_seed in by_config.items()
+                         if args.seeds[0] in per_seed}, args.out / f"loss_{model}_{corpus_name}.png")
             for name in (n for n in configs if n.startswith("fp8")):  # the per-layer scale plots (seed 0)
                 plots = args.out / "runs" / f"{model}-{corpus_name}-{name.replace(' ', '_')}-s{args.seeds[0]}" / "plots"
                 if plots.is_dir():
