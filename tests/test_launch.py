@@ -77,6 +77,7 @@ def test_sbatch_script_runs_one_torchrun_per_node_of_the_trainer():
 
 
 @pytest.mark.slow
+@pytest.mark.reliability  # ~25 s: a requeue-and-resume scenario (make test-reliability; CI runs it)
 def test_sbatch_script_trains_and_a_requeued_job_resumes(tmp_path, cache_dir):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -108,6 +109,7 @@ def test_sbatch_script_trains_and_a_requeued_job_resumes(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.reliability  # ~15 s (make test-reliability; CI runs it)
 def test_deepspeed_launcher_runs_two_cpu_processes(tmp_path, cache_dir):
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"

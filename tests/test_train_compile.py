@@ -91,6 +91,7 @@ def test_a_loss_fault_in_a_compiled_run_is_skipped(tmp_path, cache_dir) -> None:
     assert (result.step, result.skipped_steps) == (4, 1)
 
 
+@pytest.mark.reliability  # ~25 s (make test-reliability; CI runs it)
 def test_torchrun_two_processes_with_compiled_blocks_and_zero2(tmp_path, cache_dir) -> None:
     """Compiled blocks under ZeRO-2 with FP8 weights (fp8_o3): the strategy's hooks and gathers
     stay outside the compiled graphs; every rank trains and checkpoints."""
