@@ -34,7 +34,7 @@ from fp8train.optim._kernel import KernelArgs, load_kernel
 from fp8train.optim._sharded import local, sync_max_
 from fp8train.scaling import amax_to_log2_scale
 
-__all__ = ["RECORD_KEY", "Bucket", "coef_matrix", "compiled_default", "fused_eligible", "given_amax",
+__all__ = ["RECORD_KEY", "Bucket", "amax_bounds", "coef_matrix", "compiled_default", "fused_eligible", "given_amax",
            "weight_amax_needed"]
 
 _NO_MASTER = -1
@@ -259,3 +259,24 @@ class Bucket:
         )
         if getattr(load_kernel(), name)(ctypes.byref(args)) != 0:
             raise MemoryError(f"fp8train.optim: {name} could not allocate its work table")
+
+
+def amax_bounds(buckets: list[Bucket]) -> list[torch.Tensor] | None:
+    """Per bucket, (n, 3) upper bounds of the new amaxes of m, v, w (one-pass step), or their exact
+    values (``pass1``, where a bound is unusable); None when the step must be skipped: a non-finite
+    gradient (then m is non-finite), or a non-finite exact amax. Finite bounds prove the new values
+    finite, so a step with bounds everywhere decides without computing them. Writes nothing."""
+    grad_amax = [b.grad_amax() for b in buckets]  # every gradient read before any write
+    finite = all(bool(torch.isfinite(a).all()) for a in grad_amax)
+    sharded = [b.group for b in buckets if b.group is not None]
+    if not finite and not sharded:
+        return None
+    amaxes = []
+    for bucket, a_g in zip(buckets, grad_amax):
+        bound = bucket.bounds(a_g) if finite else None
+        usable = bound is not None and bool(torch.isfinite(bound).all())
+        amaxes.append(bound if usable else bucket.pass1() if finite else
+                      torch.full((len(bucket.params), 3), float("inf")))
+    if sharded:  # whole-tensor scales, and one verdict on every rank (optim/_sharded.py)
+        sync_max_(amaxes, sharded[0])
+    return amaxes if all(bool(torch.isfinite(a).all()) for a in amaxes) else None

@@ -38,6 +38,7 @@ from fp8train.optim._bounds import RECORD, initial_record
 from fp8train.optim._bucket import (
     RECORD_KEY,
     Bucket,
+    amax_bounds,
     coef_matrix,
     compiled_default,
     fused_eligible,
@@ -277,7 +278,7 @@ class Fp8AdamW(torch.optim.Optimizer):
         self.last_step_skipped = found_inf is not None and bool(found_inf)
         if not self.last_step_skipped:
             buckets = [b for group in self.param_groups for b in self._buckets(group, grad_amax)]
-            amaxes = self._amax_bounds(buckets)  # nothing written yet
+            amaxes = amax_bounds(buckets)  # nothing written yet
             self.last_step_skipped = amaxes is None
             if amaxes is not None:
                 for bucket, amax in zip(buckets, amaxes):
@@ -286,27 +287,6 @@ class Fp8AdamW(torch.optim.Optimizer):
                 write_fp8_weights_((p for p in self._all_params() if p.grad is not None), self._fp8_weights)
         self._skipped_steps += int(self.last_step_skipped)
         return loss
-
-    @staticmethod
-    def _amax_bounds(buckets: list[Bucket]) -> list[torch.Tensor] | None:
-        """Per bucket, (n, 3) upper bounds of the new amaxes of m, v, w (one-pass step), or their exact
-        values (``pass1``, where a bound is unusable); None when the step must be skipped: a non-finite
-        gradient (then m is non-finite), or a non-finite exact amax. Finite bounds prove the new values
-        finite, so a step with bounds everywhere decides without computing them. Writes nothing."""
-        grad_amax = [b.grad_amax() for b in buckets]  # every gradient read before any write
-        finite = all(bool(torch.isfinite(a).all()) for a in grad_amax)
-        sharded = [b.group for b in buckets if b.group is not None]
-        if not finite and not sharded:
-            return None
-        amaxes = []
-        for bucket, a_g in zip(buckets, grad_amax):
-            bound = bucket.bounds(a_g) if finite else None
-            usable = bound is not None and bool(torch.isfinite(bound).all())
-            amaxes.append(bound if usable else bucket.pass1() if finite else
-                          torch.full((len(bucket.params), 3), float("inf")))
-        if sharded:  # whole-tensor scales, and one verdict on every rank (optim/_sharded.py)
-            sync_max_(amaxes, sharded[0])
-        return amaxes if all(bool(torch.isfinite(a).all()) for a in amaxes) else None
 
     # ---- monitoring ------------------------------------------------------------------------------
 
