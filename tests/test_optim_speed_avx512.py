@@ -79,3 +79,46 @@ def test_the_kernel_source_is_one_unit_holding_every_c_file() -> None:
         # each header's own includes come earlier in fp8adamw.c: inlined there, empty here
         body = re.sub(r'^#include ".*"$', "", csrc.joinpath(name).read_text(), flags=re.MULTILINE)
         assert body in text, name
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 15, 16, 63, 64, 65, 1000, 65536 + 77])
+def test_the_kernels_grad_amax_is_max_abs_with_nan_as_inf_wherever_the_extreme_lies(n) -> None:
+    # the AVX-512 read runs four equal parts of a chunk at once, then the tail: an extreme in any of them counts
+    from fp8train.optim._bucket import Bucket
+
+    gen = torch.Generator().manual_seed(n)
+    for where in sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1}):
+        for extreme in (-7.5, float("inf"), float("nan")):
+            params = [nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(3))]
+            opt = Fp8AdamW(params, fused=True)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            params[0].grad[where] = extreme
+            bucket = next(b for b in opt._buckets(opt.param_groups[0]) if isinstance(b, Bucket))
+            amax = torch.stack([p.grad.abs().max() for p in params])
+            expected = torch.where(amax.isnan(), float("inf"), amax)
+            assert bucket.fused and torch.equal(bucket.grad_amax(), expected)
+
+
+@needs_kernel
+def test_a_moment_scale_too_coarse_for_the_folded_decode_takes_the_8_lane_loop_with_the_same_bits() -> None:
+    # the 16-lane loop decodes m with one multiply by 2**8 * scale_inv; where that product overflows (a scale of
+    # 2**-121 here, forced) it must not run: zero codes would decode to 0 * inf = NaN and the step would be lost
+    def run(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(100))]
+        opt = Fp8AdamW(params, fused=fused)
+        for step in range(3):
+            params[0].grad = torch.full((100,), 1e-3 * (step + 1))
+            if step == 2:
+                state = opt.state[params[0]]
+                state["exp_avg_scaled"].zero_()
+                state["exp_avg_log2_scale"].fill_(-121.0)
+            opt.step()
+            assert not opt.last_step_skipped
+        return [params[0].detach().clone(), *(v.clone() for v in opt.state[params[0]].values() if torch.is_tensor(v))]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    assert torch.isfinite(run(True)[0]).all()

