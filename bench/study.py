@@ -3,6 +3,7 @@
     python bench/study.py                                 # the full grid (hours on 2 CPU cores)
     python bench/study.py --models llama_tiny --corpora shakespeare --steps 300 --seeds 0 1
     python bench/study.py --dry-run                       # every configuration, 4 steps, 1 seed
+    python bench/study.py --resume                        # keep the runs that finished, train the rest
 
 Every (model, corpus, seed) trains each configuration from the same initial weights on the same data
 order (``seed`` sets both), on one process, through the ``fp8train`` command, so the gap between two
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="runs, results.json, plots")
     parser.add_argument("--dry-run", action="store_true", help="4 steps, seed 0, 2 eval batches, llama_tiny")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep every run under --out that finished --steps (an interrupted grid goes on where it stopped)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: tables and plots from the runs already finished under --out")
     args = parser.parse_args()
@@ -143,6 +146,10 @@ def main() -> None:
                     if args.report_only:
                         if (done := finished_run(run_dir, args.steps)) is not None:
                             by_config.setdefault(name, {})[seed] = done
+                        continue
+                    if args.resume and (done := finished_run(run_dir, args.steps)) is not None:
+                        by_config.setdefault(name, {})[seed] = done
+                        print(f"{model} {corpus_name} {name} seed {seed}: kept (finished)", flush=True)
                         continue
                     shutil.rmtree(run_dir, ignore_errors=True)
                     by_config.setdefault(name, {})[seed] = run(name, overrides, model=model, corpus=corpus, seed=seed,

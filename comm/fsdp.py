@@ -15,13 +15,16 @@ amax vector), then an FP8 all-to-all and an fp32 sum in rank order divided by N 
 No requantization: the owner keeps the fp32 mean. An inf/NaN anywhere is ``found_inf`` on every rank
 (the MAX-reduced amax); the output is then NaN, and the caller skips the step.
 
-All-gather (``Fp8AllGather``): each ``Fp8Linear`` weight's shard travels as E4M3 codes at a scale shared
-by all ranks (``WeightGatherScales``: its amax MAX-reduced over the mesh once per step, for every FP8
-weight in one all_reduce, as torchao's precompute does); every other parameter travels as its own bytes.
-Every rank, the sender included, decodes the same codes, so all ranks hold identical unsharded weights.
-With the ``current`` weight recipe the layer's own cast of the gathered weight is then exact: its values
+All-gather (``Fp8AllGather``): each ``Fp8Linear`` weight's shard travels as E4M3 codes at scales shared
+by all ranks (``WeightGatherScales``: per block of the layer's forward layout, one scale for
+``granularity="tensor"``, each block's amax MAX-reduced over the mesh once per step, for every FP8 weight in
+one all_reduce, as torchao's precompute does); every other parameter travels as its own bytes. Every rank,
+the sender included, decodes the same codes, so all ranks hold identical unsharded weights. With the
+``current`` weight recipe the layer's own forward cast of the gathered weight is then exact: its values
 lie on the E4M3 grid of the gather's scale, and the layer's scale (from the amax of those values, same
-margin) is that scale or finer. The wire carries 1 byte per FP8-weight element instead of 4.
+margin, same blocks) is that scale or finer (``WeightGatherScales`` says what the dgrad cast of "rowwise"
+and "mx" sees). The wire carries 1 byte per FP8-weight element instead of 4; the scales' all_reduce adds
+4 bytes per block (1/8 byte per element for "mx", little for the others), not counted in the gather's bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from fp8train._decode_cpu import decode_fp8_into
-from fp8train.cast import cast_to_fp8
+from fp8train.blocks import operand_block, resolve_block
+from fp8train.cast import cast_to_fp8, cast_to_fp8_reference
 from fp8train.comm.allreduce import fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.stats import CommStats
@@ -129,25 +133,78 @@ class Fp8ReduceScatter(_Alloc):
 
 
 class WeightGatherScales:
-    """Scaling biases of the FP8 weights' all-gathers, one per ``Fp8Linear`` weight, the same on every
-    rank: ``refresh_`` MAX-reduces the local shards' amaxes over the mesh in one all_reduce (after each
-    optimizer step; the weights do not change between steps)."""
+    """Scales of the FP8 weights' all-gathers, the same on every rank: per ``Fp8Linear`` weight, one
+    power-of-two scale per block of its FORWARD layout (``blocks.operand_block(granularity, "weight", 1)``:
+    the whole tensor for "tensor", a row for "rowwise", 128 x 128 for "block", 1 x 32 for "mx"), by the
+    rule of ``blocks.quantize_blocks`` (an all-zero block takes the tensor's bias). ``refresh_`` computes
+    each block's amax from the local shard rows (FSDP2 shards dim 0: rank r holds rows r*R .. r*R+R-1,
+    R = ceil(out / N); a 128-row block may span ranks) and MAX-reduces all of them over the mesh in one
+    all_reduce, after each optimizer step (the weights do not change between steps).
+
+    Why the forward layout: the layer's own forward cast of the gathered weight then finds each block's
+    values on the E4M3 grid of the gather's scale with an amax that maps at most to 448 * 2**-margin, so its
+    scale is the gather's or finer and the cast is exact: the forward GEMM sees the values a cast of the
+    high-precision weight gives ("block": the dgrad GEMM too, its cast is the same). "rowwise" and "mx"
+    cast the weight again along the other dim for dgrad; that cast rounds the gathered values, which can
+    differ from rounding the high-precision ones where the first rounding moved a value onto or across a
+    midpoint of the coarser grid (a tie case, at most one ulp there)."""
 
     def __init__(self, layers: dict[nn.Parameter, Fp8Linear], group: dist.ProcessGroup | None) -> None:
         self.params = list(layers)
         self.margin = {p: layers[p].config.margin for p in self.params}
+        self.block = {p: resolve_block(operand_block(layers[p].config.granularity, "weight", 1)
+                                       if layers[p].config.granularity != "tensor" else (0, 0), p.shape)
+                      for p in self.params}
         self.group = group
-        self.log2_scale: dict[nn.Parameter, torch.Tensor] = {}
+        self.log2_scale: dict[nn.Parameter, torch.Tensor] = {}  # (ceil(out/rows), ceil(in/cols)) biases
+
+    def _grid_shape(self, p: nn.Parameter) -> tuple[int, int]:
+        rows, cols = self.block[p]
+        return -(-p.shape[0] // rows), -(-p.shape[1] // cols)
+
+    def _local_amax_grid(self, p: nn.Parameter, world: int, rank: int) -> torch.Tensor:
+        """The amax of each block over this rank's rows of ``p`` (0 where it holds none of a block)."""
+        rows, cols = self.block[p]
+        grid = torch.zeros(self._grid_shape(p), dtype=torch.float32, device=p.device)
+        shard = _local(p).detach().to(torch.float32)
+        if shard.numel() == 0:
+            return grid
+        first = rank * math.ceil(p.shape[0] / world)  # the shard's first row in the whole weight
+        lead = first % rows                           # rows of its first block held by lower ranks
+        padded = torch.nn.functional.pad(shard, (0, (-p.shape[1]) % cols, lead, (-(lead + shard.shape[0])) % rows))
+        amax = padded.abs().reshape(padded.shape[0] // rows, rows, -1, cols).amax(dim=(1, 3))
+        grid[first // rows: first // rows + amax.shape[0]] = amax
+        return grid
 
     @torch.no_grad()
     def refresh_(self) -> None:
         if not self.params:
             return
-        amax = torch.stack([tensor_to_amax(_local(p)) for p in self.params])
-        amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
-        for p, a in zip(self.params, amax.unbind(0)):
-            self.log2_scale[p] = amax_to_log2_scale(a, E4M3, margin=self.margin[p])
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        grids = [self._local_amax_grid(p, world, rank) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grids])
+        flat = torch.where(torch.isnan(flat), torch.full_like(flat, float("inf")), flat)
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.group)
+        for p, amax in zip(self.params, flat.split([g.numel() for g in grids])):
+            amax = amax.reshape(self._grid_shape(p))
+            tensor_bias = amax_to_log2_scale(amax.max(), E4M3, margin=self.margin[p])
+            self.log2_scale[p] = amax_to_log2_scale(amax, E4M3, margin=self.margin[p],
+                                                    prev_log2_scale=tensor_bias.expand_as(amax))
+
+    def element_log2_scale(self, p: nn.Parameter, first_row: int, n_rows: int) -> torch.Tensor:
+        """(n_rows, in) the bias of each element of rows first_row .. first_row + n_rows - 1 of ``p`` (rows
+        past its end, FSDP2's padding, get 0); 0-d for a per-tensor scale."""
+        grid = self.log2_scale[p]
+        if grid.numel() == 1:
+            return grid.reshape(())
+        rows, cols = self.block[p]
+        last = min(first_row + n_rows, p.shape[0])
+        out = torch.zeros(n_rows, p.shape[1], dtype=torch.float32, device=grid.device)
+        if last > first_row:
+            lo, hi = first_row // rows, -(-last // rows)
+            full = grid[lo:hi].repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:, : p.shape[1]]
+            out[: last - first_row] = full[first_row - lo * rows: last - lo * rows]
+        return out
 
 
 class Fp8AllGather(_Alloc):
@@ -162,7 +219,7 @@ class Fp8AllGather(_Alloc):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> None:
-        world = group.size()
+        world, rank = group.size(), group.rank()
         n, item = input_tensor.numel(), input_tensor.element_size()
         fp8 = [p in self.scales.log2_scale for p in self.params] if sum(self.numels) == n else []
         numels = self.numels if fp8 else [n]
@@ -173,8 +230,7 @@ class Fp8AllGather(_Alloc):
         for i, (m, w) in enumerate(zip(numels, wire)):
             piece = input_tensor[src:src + m]
             if fp8[i]:
-                cast_to_fp8(piece, torch.exp2(self.scales.log2_scale[self.params[i]]), E4M3,
-                            out=payload[dst:dst + w].view(E4M3.dtype))
+                self._encode(i, piece, rank, world, payload[dst:dst + w].view(E4M3.dtype))
             else:
                 payload[dst:dst + w].copy_(piece.contiguous().view(torch.uint8))
             src, dst = src + m, dst + w
@@ -187,11 +243,31 @@ class Fp8AllGather(_Alloc):
             for i, (m, w) in enumerate(zip(numels, wire)):
                 out = output_tensor[dst:dst + m]
                 if fp8[i]:
-                    scale_inv = torch.exp2(-self.scales.log2_scale[self.params[i]])
-                    decode_fp8_into(gathered[src:src + w], E4M3, scale_inv, out)
+                    self._decode(i, gathered[src:src + w], r, world, out)
                 else:
                     out.view(torch.uint8).copy_(gathered[src:src + w])
                 src, dst = src + w, dst + m
+
+    def _scales(self, i: int, rank: int, world: int, numel: int) -> tuple[torch.Tensor, int]:
+        """Per-element biases of parameter i's piece on ``rank`` (0-d: one for the tensor), and its row width."""
+        p = self.params[i]
+        cols = p.shape[1] if p.dim() == 2 else numel
+        return self.scales.element_log2_scale(p, rank * math.ceil(p.shape[0] / world), numel // cols), cols
+
+    def _encode(self, i: int, piece: torch.Tensor, rank: int, world: int, codes: torch.Tensor) -> None:
+        log2_scale, cols = self._scales(i, rank, world, piece.numel())
+        if log2_scale.dim() == 0:
+            cast_to_fp8(piece, torch.exp2(log2_scale), E4M3, out=codes)
+        else:  # finer scales: the reference cast with each element's scale (a power of two: exact)
+            codes.copy_(cast_to_fp8_reference(piece.view(-1, cols), torch.exp2(log2_scale), E4M3).view(-1))
+
+    def _decode(self, i: int, codes: torch.Tensor, rank: int, world: int, out: torch.Tensor) -> None:
+        log2_scale, cols = self._scales(i, rank, world, out.numel())
+        if log2_scale.dim() == 0:
+            decode_fp8_into(codes, E4M3, torch.exp2(-log2_scale), out)
+        else:  # code * 2**-bias in fp32: exact
+            values = codes.view(E4M3.dtype).view(-1, cols).to(torch.float32) * torch.exp2(-log2_scale)
+            out.copy_(values.view(-1))
 
 
 def register_fp8_fsdp_comm(model: nn.Module, world_size: int, *, grad_config: Fp8CommConfig | None,

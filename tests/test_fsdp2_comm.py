@@ -174,3 +174,57 @@ def test_fp8_adamw_on_dtensor_shards_is_bit_identical_to_one_process():
             assert torch.equal(res["params"][n], p.detach()), n
         for k, v in opt.log2_scales().items():
             assert torch.equal(res["scales"][k], v), k
+
+
+def _finer_gather_worker(rank: int, world: int, granularity: str) -> dict:
+    """A layer's gathered weight, its input and output (hooks), and the output of an unsharded copy of that
+    layer holding the full high-precision weight, on the same input."""
+    from fp8train import Fp8Config, Fp8Linear, convert_to_fp8
+    from fp8train.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = Fp8Config(granularity=granularity)
+    # n_embd 48: c_attn is 144 x 48, so at N = 2 each rank holds 72 rows and the first 128 x 128 block
+    # spans both ranks; 48 columns: one full block of 32 and a partial one (mx)
+    model = convert_to_fp8(GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=48)),
+                           config=config)
+    with torch.no_grad():  # outlier rows: a per-tensor scale would flush the other rows' small values
+        model.h[0].attn.c_attn.weight[:2] *= 1e4
+    _, scales = _shard(model, world, fp8=True)
+    layer = model.h[0].attn.c_attn
+    full_weight = layer.weight.full_tensor().detach().clone()
+    full_bias = layer.bias.full_tensor().detach().clone()
+    seen: dict[str, torch.Tensor] = {}
+    layer.register_forward_hook(lambda m, args, out: seen.update(
+        weight=m.weight.detach().clone(), x=args[0].detach().clone(), y=out.detach().clone()))
+    _backward(model, rank)
+    reference = Fp8Linear(48, 144, config=config)
+    with torch.no_grad():
+        reference.weight.copy_(full_weight)
+        reference.bias.copy_(full_bias)
+        y_reference = reference(seen["x"])
+    return {**seen, "y_reference": y_reference, "full_weight": full_weight,
+            "log2_scale": scales.log2_scale[layer.weight].clone(), "block": scales.block[layer.weight]}
+
+
+def test_finer_granularity_weight_gather_carries_block_scales_and_keeps_the_forward_exact():
+    from fp8train.cast import cast_to_fp8_reference
+    from fp8train.formats import E4M3
+    from fp8train.tensor import expand_block_scales
+
+    for granularity, block in (("block", (128, 128)), ("rowwise", (1, 48)), ("mx", (1, 32))):
+        a, b = run_workers(_finer_gather_worker, 2, granularity, timeout_s=180)
+        assert torch.equal(a["weight"], b["weight"]), f"{granularity}: every rank gathers the same bits"
+        assert a["block"] == block and torch.equal(a["log2_scale"], b["log2_scale"])
+        # the gathered weight is the per-block E4M3 round trip of the WHOLE weight (blocks spanning ranks
+        # included): scales from the amax of each whole block
+        w = a["full_weight"]
+        scale = torch.exp2(expand_block_scales(a["log2_scale"], block, w.shape))
+        round_trip = cast_to_fp8_reference(w, scale, E4M3).to(torch.float32) / scale
+        assert torch.equal(a["weight"], round_trip), granularity
+        assert not torch.equal(a["weight"], w), f"{granularity}: the weights did travel as E4M3"
+        per_tensor = torch.exp2(a["log2_scale"].min())  # what a per-tensor gather would have sent
+        assert not torch.equal(a["weight"], cast_to_fp8_reference(w, per_tensor, E4M3).to(torch.float32) / per_tensor)
+        # the layer's own forward cast of the gathered weight is exact: the output is the unsharded layer's
+        for res in (a, b):
+            assert torch.equal(res["y"], res["y_reference"]), f"{granularity}: forward output differs"
