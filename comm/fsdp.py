@@ -46,7 +46,7 @@ from fp8train.comm.config import Fp8CommConfig
 from fp8train.comm.stats import CommStats
 from fp8train.formats import E4M3
 from fp8train.linear import Fp8Linear
-from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
+from fp8train.scaling import amax_to_log2_scale
 
 __all__ = ["Fp8AllGather", "Fp8FsdpComm", "Fp8ReduceScatter", "WeightGatherScales", "group_segments",
            "register_fp8_fsdp_comm"]

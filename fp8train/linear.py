@@ -31,7 +31,12 @@ hold; its value is needed once, to initialise an optimizer's master (``Fp8AdamW(
 which then releases it (``release_high_precision_``: the Parameter keeps its shape over a single
 element of storage). Numerics: with the ``current`` recipe the codes are the very values the
 forward's own cast of that weight would give, so a model whose weight equals the master (fp32
-parameters) computes bit for bit what it computes with high-precision weights.
+parameters) computes bit for bit what it computes with high-precision weights. Finer scales store one
+scale_inv per block of the forward layout (``stored_weight_block``; E8M0 for "mx"); "block"'s 128 x 128
+cast serves dgrad too, while "rowwise" and "mx" cast the dequantized stored weight again along the other
+dim for dgrad (a second rounding of values already on an E4M3 grid, where a high-precision weight is
+rounded once: they differ only where the first rounding moved a value onto or across a midpoint of the
+coarser grid).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fp8train.blocks import operand_block, resolve_block
 from fp8train.config import Fp8Config
 from fp8train.formats import E4M3
 from fp8train.gemm import fp8_mm
@@ -125,9 +131,6 @@ class Fp8Linear(nn.Linear):
         if fp8_weight not in (True, False):
             raise ValueError(f"Fp8Linear.fp8_weight={fp8_weight!r} is not allowed; allowed values: True, False")
         self.config = config or Fp8Config()
-        if fp8_weight and self.config.granularity != "tensor":  # one scale_inv per weight: per-tensor codes
-            raise ValueError(f"Fp8Linear.fp8_weight=True needs Fp8Config.granularity='tensor', got "
-                             f"{self.config.granularity!r}; allowed with finer scales: fp8_weight=False")
         state_device = self.weight.device
         self.input_scaling = ScalingState(E4M3, self.config, device=state_device)
         self.weight_scaling = ScalingState(E4M3, self.config, device=state_device)
@@ -136,7 +139,7 @@ class Fp8Linear(nn.Linear):
         self.fp8_weight = fp8_weight
         if fp8_weight:
             self.register_buffer("weight_codes", torch.zeros(self.weight.shape, dtype=E4M3.dtype, device=state_device))
-            self.register_buffer("weight_scale_inv", torch.ones((), dtype=torch.float32, device=state_device))
+            self.register_buffer("weight_scale_inv", self._initial_scale_inv(state_device))
             if state_device.type != "meta":
                 self.set_weight_(self.weight)
 
@@ -155,7 +158,7 @@ class Fp8Linear(nn.Linear):
         layer._reset_scaling_state()
         if fp8_weight:
             layer.weight_codes = torch.zeros(layer.weight.shape, dtype=E4M3.dtype, device=device)
-            layer.weight_scale_inv = torch.ones((), dtype=torch.float32, device=device)
+            layer.weight_scale_inv = layer._initial_scale_inv(device)
             layer.set_weight_(layer.weight)
         return layer
 
@@ -213,12 +216,29 @@ class Fp8Linear(nn.Linear):
 
     # ---- FP8 primary weights (fp8_weight=True) ---------------------------------------------------
 
+    def stored_weight_block(self) -> tuple[int, int] | None:
+        """The (rows, cols) one stored scale covers: the forward layout of ``Fp8Config.granularity``
+        (fp8train/blocks.py; resolved, no 0), or None for one per-tensor scale."""
+        if self.config.granularity == "tensor":
+            return None
+        return resolve_block(operand_block(self.config.granularity, "weight", 1), self.weight.shape)
+
+    def _initial_scale_inv(self, device: torch.device | str) -> torch.Tensor:
+        """``weight_scale_inv`` before the first cast: ones, 0-d or one per block (E8M0 for "mx")."""
+        block = self.stored_weight_block()
+        if block is None:
+            return torch.ones((), dtype=torch.float32, device=device)
+        grid = (-(-self.weight.shape[0] // block[0]), -(-self.weight.shape[1] // block[1]))
+        dtype = torch.float8_e8m0fnu if self.weight_scaling.e8m0_scales else torch.float32
+        return torch.ones(grid, dtype=torch.float32, device=device).to(dtype)
+
     def stored_fp8_weight(self, *, transposed: bool = False) -> Fp8Tensor:
-        """The stored weight (codes and scale_inv, no copy; ``transposed``: plus a transposed copy)."""
+        """The stored weight (codes and scale_inv, no copy; ``transposed``: plus a transposed copy, per
+        tensor only: the finer-scale GEMMs read any layout)."""
         self._require_fp8_weight("stored_fp8_weight")
-        codes = self.weight_codes
-        return Fp8Tensor(data=codes, scale_inv=self.weight_scale_inv, orig_dtype=self.weight.dtype,
-                         data_t=codes.t().contiguous() if transposed else None)
+        codes, block = self.weight_codes, self.stored_weight_block()
+        return Fp8Tensor(data=codes, scale_inv=self.weight_scale_inv, orig_dtype=self.weight.dtype, block=block,
+                         data_t=codes.t().contiguous() if transposed and block is None else None)
 
     @torch.no_grad()
     def set_weight_(self, weight_hp: torch.Tensor) -> None:
@@ -229,10 +249,16 @@ class Fp8Linear(nn.Linear):
         if weight_hp.shape != self.weight_codes.shape:
             raise ValueError(f"Fp8Linear.set_weight_: shape {tuple(weight_hp.shape)}, expected "
                              f"{tuple(self.weight_codes.shape)}")
-        w_fp8 = self.weight_scaling.quantize(weight_hp.detach())
-        finite = torch.isfinite(w_fp8.scale_inv)
+        block = self.stored_weight_block()
+        if block is None:
+            w_fp8 = self.weight_scaling.quantize(weight_hp.detach())
+            previous = torch.exp2(-self.weight_scaling.log2_scale)
+        else:  # one scale per block of the forward layout, the cast the forward would apply
+            previous = self.weight_scale_inv.to(torch.float32)
+            w_fp8 = self.weight_scaling.quantize_blocks(weight_hp.detach(), block)
+        new = w_fp8.scale_inv.to(torch.float32)  # NaN where the weight overflowed: keep the previous scale
         self.weight_codes.copy_(w_fp8.data)
-        self.weight_scale_inv.copy_(torch.where(finite, w_fp8.scale_inv, torch.exp2(-self.weight_scaling.log2_scale)))
+        self.weight_scale_inv.copy_(torch.where(torch.isfinite(new), new, previous))
 
     @torch.no_grad()
     def set_fp8_weight_(self, codes: torch.Tensor, scale_inv: torch.Tensor) -> None:
@@ -241,9 +267,10 @@ class Fp8Linear(nn.Linear):
         scale_inv, and its scaling bias), so that monitoring reads what it would on the owner."""
         self._require_fp8_weight("set_fp8_weight_")
         self.weight_codes.copy_(codes.view(self.weight_codes.shape))
-        self.weight_scale_inv.copy_(scale_inv)
-        amax = self.weight_codes.to(torch.float32).abs().amax() * self.weight_scale_inv
-        self.weight_scaling.record_cast_(amax, -torch.log2(self.weight_scale_inv))
+        self.weight_scale_inv.copy_(scale_inv.view(self.weight_scale_inv.shape))
+        amax = self.dequantized_weight(torch.float32).abs().amax()
+        # the tensor's bias: its largest block's (per tensor: its only one), as the owner's cast recorded
+        self.weight_scaling.record_cast_(amax, -torch.log2(self.weight_scale_inv.to(torch.float32).max()))
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the GEMMs use: the stored codes times scale_inv (fp8_weight), else ``weight``."""
@@ -290,7 +317,9 @@ class Fp8Linear(nn.Linear):
         elif not self.fp8_weight and weight_key not in state_dict and codes_key in state_dict:
             # an FP8-weight checkpoint into a high-precision layer: the weight it computed with
             codes, scale_inv = state_dict.pop(codes_key), state_dict.pop(scale_key)
-            state_dict[weight_key] = codes.to(torch.float32) * scale_inv.to(torch.float32)
+            block = None if scale_inv.dim() == 0 else self.stored_weight_block()
+            state_dict[weight_key] = Fp8Tensor(data=codes, scale_inv=scale_inv, orig_dtype=torch.float32,
+                                               block=block).dequantize()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if self.fp8_weight and weight_key in missing_keys:  # the handle holds no value to load

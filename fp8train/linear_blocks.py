@@ -40,14 +40,15 @@ def blocks_linear_forward(layer: torch.nn.Module, x: torch.Tensor, weight: torch
     x_2d = x.reshape(-1, x.shape[-1])                                      # (M, K)
     grad = torch.is_grad_enabled()
     x_fwd = _cast(layer, "input", x_2d, 1)
-    w_fwd = _cast(layer, "weight", weight, 1)
+    # FP8 primary weights: the stored codes ARE the forward layout's cast (``Fp8Linear.set_weight_``)
+    w_fwd = layer.stored_fp8_weight() if layer.fp8_weight else _cast(layer, "weight", weight, 1)
     x_wgrad = _cast(layer, "input", x_2d, 0) if grad and weight.requires_grad else None
     if not (grad and x.requires_grad):
         w_dgrad = None
     elif layer.config.granularity == "block":
         w_dgrad = w_fwd                                                    # 128x128: one cast serves both
-    else:
-        w_dgrad = _cast(layer, "weight", weight, 0)
+    else:  # the other layout; from FP8 primary weights a second rounding, of the stored values
+        w_dgrad = _cast(layer, "weight", layer.dequantized_weight() if layer.fp8_weight else weight, 0)
     return _Fp8BlocksLinearFn.apply(x, weight, layer.bias, x_fwd, w_fwd, x_wgrad, w_dgrad, layer, out_dtype)
 
 

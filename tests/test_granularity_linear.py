@@ -111,9 +111,38 @@ def test_tensor_granularity_is_the_default_path():
     assert torch.equal(a(x), b(x))
 
 
-def test_fp8_primary_weights_need_tensor_granularity():
-    with pytest.raises(ValueError, match=r"^Fp8Linear.fp8_weight=True needs Fp8Config.granularity='tensor'"):
-        Fp8Linear(64, 32, config=Fp8Config(granularity="mx"), fp8_weight=True)
+@pytest.mark.parametrize("granularity", FINER)
+def test_fp8_primary_weights_store_the_forward_layouts_block_cast(granularity: str):
+    # the stored codes and per-block scales are the forward's own cast of the weight (E8M0 scales for mx),
+    # so the layer computes what the high-precision layer computes; the state_dict carries them both ways
+    hp = _layer(granularity)
+    fp8 = Fp8Linear(200, 136, config=hp.config, fp8_weight=True)
+    fp8.load_state_dict(hp.state_dict())  # a high-precision state_dict: cast into the codes
+    cast = quantize_blocks(hp.weight.detach(), "e4m3", operand_block(granularity, "weight", 1), margin=0,
+                           e8m0=granularity == "mx")
+    assert fp8.weight_scale_inv.dtype == (torch.float8_e8m0fnu if granularity == "mx" else torch.float32)
+    assert torch.equal(fp8.weight_codes.view(torch.uint8), cast.tensor.data.view(torch.uint8))
+    assert torch.equal(fp8.weight_scale_inv.float(), cast.tensor.scale_inv.float())
+    assert fp8.weight_scale_inv.numel() > 1
+    x = torch.randn(16, 200)
+    x_hp, x_fp8 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_hp, y_fp8 = hp(x_hp), fp8(x_fp8)
+    assert torch.equal(y_hp, y_fp8)
+    dy = torch.randn_like(y_hp)
+    y_hp.backward(dy)
+    y_fp8.backward(dy)
+    assert torch.equal(fp8.weight.grad, hp.weight.grad)  # wgrad reads x and dy only
+    if granularity == "block":  # one 128 x 128 cast serves dgrad: exact
+        assert torch.equal(x_fp8.grad, x_hp.grad)
+    else:  # dgrad casts the stored values again along the other dim (a second rounding)
+        assert sqnr_db(x_fp8.grad, x_hp.grad) > 40.0
+    back = Fp8Linear(200, 136, config=hp.config, fp8_weight=True)
+    back.load_state_dict(fp8.state_dict())  # FP8 -> FP8: bit for bit
+    assert torch.equal(back.weight_codes.view(torch.uint8), fp8.weight_codes.view(torch.uint8))
+    assert torch.equal(back.weight_scale_inv.float(), fp8.weight_scale_inv.float())
+    plain = _layer(granularity)
+    plain.load_state_dict(fp8.state_dict())  # FP8 -> high precision: the weight the GEMMs used
+    assert torch.equal(plain.weight.detach(), fp8.dequantized_weight())
 
 
 @pytest.mark.parametrize("granularity", FINER)

@@ -10,7 +10,9 @@ bytes in its slot (so that any dtype can be viewed there). One parameter takes
   - lossless:  numel * element_size bytes, its own dtype's bytes (a uint8 view: bit for bit);
   - FP8:       4 bytes of fp32 scale_inv, then numel bytes of E4M3 codes (``fp8_weight_names``).
   - FP8 primary weight (``layers``: an ``Fp8Linear(fp8_weight=True)``): the same payload, the codes and
-    scale_inv the owner's optimizer wrote into its layer, copied into every other rank's layer.
+    scale_inv the owner's optimizer wrote into its layer, copied into every other rank's layer; with
+    finer scales (``Fp8Config.granularity``) its scale_inv is one per block (fp32, or 1-byte E8M0 for
+    "mx"), and those bytes take the 4 bytes' place.
 Only the owner writes a parameter's bytes; receivers of lossless parameters copy them, and EVERY rank,
 the owner included, sets an FP8 parameter to its decoded value (an FP8 primary weight: its layer to
 the codes), so all ranks hold the same bits.
@@ -80,9 +82,10 @@ SLOT_ALIGN_BYTES = 16
 SCALE_INV_BYTES = 4
 
 
-def slot_nbytes(p: torch.Tensor, fp8: bool) -> int:
-    """Bytes parameter ``p`` puts in its owner's slot, before alignment."""
-    return SCALE_INV_BYTES + p.numel() if fp8 else p.numel() * p.element_size()
+def slot_nbytes(p: torch.Tensor, fp8: bool, scale_inv_bytes: int = SCALE_INV_BYTES) -> int:
+    """Bytes parameter ``p`` puts in its owner's slot, before alignment (``scale_inv_bytes``: its
+    scales', an FP8 primary weight's per-block ones)."""
+    return scale_inv_bytes + p.numel() if fp8 else p.numel() * p.element_size()
 
 
 def _aligned(nbytes: int) -> int:
@@ -218,7 +221,11 @@ class WeightGather:
                 layer.release_high_precision_()
         self.rank, self.world_size, self.group = rank, world_size, group
         self._all_gather = all_gather
-        nbytes = [slot_nbytes(p, f) for p, f in zip(self.params, self.fp8)]
+        # the scale_inv each FP8 parameter carries: 0-d fp32, or an FP8 primary weight's (its blocks')
+        self._scale_like = {i: torch.empty((), dtype=torch.float32) for i in range(len(self.params)) if self.fp8[i]}
+        self._scale_like.update({i: layer.stored_fp8_weight().scale_inv for i, layer in self.layers.items()})
+        nbytes = [slot_nbytes(p, f, self._scale_like[i].nbytes if f else 0)
+                  for i, (p, f) in enumerate(zip(self.params, self.fp8))]
         self.plan = plan_weight_buckets(nbytes, self.owner, order, world_size, bucket_bytes)
         device = self.params[0].device
         self.log2_scales = {i: torch.zeros((), dtype=torch.float32, device=device)
@@ -230,11 +237,11 @@ class WeightGather:
         return slot[start:start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
 
     def _scale_inv(self, slot: torch.Tensor, i: int) -> torch.Tensor:
-        start = self.plan.offsets[i]  # 16-aligned: viewable as fp32
-        return slot[start:start + SCALE_INV_BYTES].view(torch.float32).view(())
+        like, start = self._scale_like[i], self.plan.offsets[i]  # 16-aligned: viewable as fp32
+        return slot[start:start + like.nbytes].view(like.dtype).view(like.shape)
 
     def _codes(self, slot: torch.Tensor, i: int) -> torch.Tensor:
-        start = self.plan.offsets[i] + SCALE_INV_BYTES
+        start = self.plan.offsets[i] + self._scale_like[i].nbytes
         return slot[start:start + self.params[i].numel()]
 
     @torch.no_grad()
