@@ -45,6 +45,7 @@ CONFIGS = {  # name -> Hydra overrides
     "fp8_o2 block": ["precision=fp8_o2", "precision.fp8.granularity=block"],
     "fp8_o2 mx": ["precision=fp8_o2", "precision.fp8.granularity=mx"],
     "fp8_o3": ["precision=fp8_o3"],  # FP8 primary weights + stochastic rounding of Fp8AdamW's state
+    "fp8_o3 block": ["precision=fp8_o3", "precision.fp8.granularity=block"],  # ... stored with 128x128 scales
 }
 TARGET_GAP_PERCENT = 0.25
 PYTHON_PACKAGES = ("email", "json", "http", "logging", "asyncio", "unittest")  # ~2 MB of source
