@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from fp8train._decode_cpu import decode_fp8_into
-from fp8train.blocks import operand_block, resolve_block
+from fp8train.blocks import blocks_view, operand_block, resolve_block
 from fp8train.cast import cast_to_fp8, cast_to_fp8_reference
 from fp8train.comm.allreduce import fp8_reduce_scatter
 from fp8train.comm.config import Fp8CommConfig
@@ -47,6 +47,7 @@ from fp8train.comm.stats import CommStats
 from fp8train.formats import E4M3
 from fp8train.linear import Fp8Linear
 from fp8train.scaling import amax_to_log2_scale
+from fp8train.tensor import expand_block_scales
 
 __all__ = ["Fp8AllGather", "Fp8FsdpComm", "Fp8ReduceScatter", "WeightGatherScales", "group_segments",
            "register_fp8_fsdp_comm"]
@@ -171,8 +172,7 @@ class WeightGatherScales:
             return grid
         first = rank * math.ceil(p.shape[0] / world)  # the shard's first row in the whole weight
         lead = first % rows                           # rows of its first block held by lower ranks
-        padded = torch.nn.functional.pad(shard, (0, (-p.shape[1]) % cols, lead, (-(lead + shard.shape[0])) % rows))
-        amax = padded.abs().reshape(padded.shape[0] // rows, rows, -1, cols).amax(dim=(1, 3))
+        amax = blocks_view(torch.nn.functional.pad(shard, (0, 0, lead, 0)), self.block[p]).abs().amax(dim=(1, 3))
         grid[first // rows: first // rows + amax.shape[0]] = amax
         return grid
 
@@ -202,7 +202,7 @@ class WeightGatherScales:
         out = torch.zeros(n_rows, p.shape[1], dtype=torch.float32, device=grid.device)
         if last > first_row:
             lo, hi = first_row // rows, -(-last // rows)
-            full = grid[lo:hi].repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:, : p.shape[1]]
+            full = expand_block_scales(grid[lo:hi], (rows, cols), ((hi - lo) * rows, p.shape[1]))
             out[: last - first_row] = full[first_row - lo * rows: last - lo * rows]
         return out
 

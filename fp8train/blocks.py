@@ -45,7 +45,8 @@ from fp8train.formats import Fp8Format, as_fp8_format
 from fp8train.scaling import amax_to_log2_scale
 from fp8train.tensor import Fp8Tensor, expand_block_scales
 
-__all__ = ["BLOCK_TILES", "BlockCast", "block_cast_stats", "operand_block", "quantize_blocks", "resolve_block"]
+__all__ = ["BLOCK_TILES", "BlockCast", "block_cast_stats", "blocks_view", "operand_block", "quantize_blocks",
+           "resolve_block"]
 
 # elements per block along the scaled dim; 0 = the whole dim (one scale per row or column)
 BLOCK_TILES = {"rowwise": 0, "block": 128, "mx": 32}
@@ -87,7 +88,7 @@ class BlockCast:
     block_log2_scale: torch.Tensor
 
 
-def _blocks_view(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def blocks_view(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """x (R, C) zero-padded to whole blocks and viewed as (R/rows, rows, C/cols, cols)."""
     rows, cols = block
     pad_r, pad_c = (-x.shape[0]) % rows, (-x.shape[1]) % cols
@@ -107,7 +108,7 @@ def quantize_blocks(x_hp: torch.Tensor, fmt: Fp8Format | torch.dtype | str, bloc
     if x_hp.dim() != 2:
         raise ValueError(f"quantize_blocks needs a 2-D tensor, got shape {tuple(x_hp.shape)}")
     block = resolve_block(block, x_hp.shape)
-    x_blocks = _blocks_view(x_hp.to(torch.float32), block)                      # (nbr, br, nbc, bc)
+    x_blocks = blocks_view(x_hp.to(torch.float32), block)                      # (nbr, br, nbc, bc)
     amax_blocks = x_blocks.abs().amax(dim=(1, 3))                                # (nbr, nbc), NaN-propagating
     amax = amax_blocks.max() if amax_blocks.numel() else torch.zeros((), device=x_hp.device)
     prev = torch.zeros((), device=x_hp.device) if prev_log2_scale is None else prev_log2_scale
