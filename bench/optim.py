@@ -17,7 +17,8 @@ Every Fp8AdamW step here is one pass (scales from bounds, optim/_bounds.py; the 
 first). Row 10 is the step as the trainer calls it: ``step(grad_amax=)`` gets the FP8 gradient sync's
 upper bound of each max|g| (``CommStats.grad_amax``, from the shared scale; computed outside the timed
 region), so the step reads each gradient once, as fused AdamW does. Target (issue 16): Fp8AdamW with default formats at most as slow as fused AdamW (<= 1.00x);
-the verdict column is computed from the measurement (``_timing.verdict``).
+the verdict column is computed from the measurement (``_timing.verdict``). Rows 11 and 12 time what
+the trainer does with gradient clipping on (its default): clip, then step; row 12's ratio is to row 11.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from fp8train.models.gpt import GPT, GPTConfig  # noqa: E402
 from fp8train.optim import Fp8AdamW  # noqa: E402
 from fp8train.scaling import amax_to_log2_scale  # noqa: E402
 
+TRAINER_MAX_GRAD_NORM = 1.0  # fp8train.trainer.config.OptimConfig.max_grad_norm's default
 MODEL = GPTConfig(vocab_size=256, block_size=1024, n_layer=7, n_head=12, n_embd=768)  # 50.6M parameters
 DRY_RUN_MODEL = GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=64)
 
@@ -57,6 +59,7 @@ class Case:
     make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
     target: float | None = None
     step_kwargs: Callable[[list[torch.nn.Parameter]], dict] = lambda ps: {}
+    clip: float | None = None  # timed: clip the gradient norm to this, then step (the trainer's sequence)
 
 
 def _synced_grad_amax(params: list[torch.nn.Parameter]) -> dict:
@@ -88,6 +91,13 @@ CASES = [
     # (row 10) the trainer path: the comm's amax passed in (exact here, computed outside the timed region)
     Case(name="Fp8AdamW + sync's grad_amax", weights=torch.float32, make=lambda ps: Fp8AdamW(ps), target=1.0,
          step_kwargs=_synced_grad_amax),
+    # (rows 11, 12) clip + step, as the trainer runs them with optim.max_grad_norm (default 1.0): torch's
+    # clip_grad_norm_ (norm read, then every gradient read and written) + fused AdamW, against Fp8AdamW's
+    # clip folded into its step (one read for norm and max |g|, then the store pass). Row 12's ratio is to row 11.
+    Case(name="clip + torch AdamW fused=True", weights=torch.float32,
+         make=lambda ps: torch.optim.AdamW(ps, fused=True), clip=TRAINER_MAX_GRAD_NORM),
+    Case(name="clip + Fp8AdamW (trainer's)", weights=torch.float32, make=lambda ps: Fp8AdamW(ps), target=1.0,
+         clip=TRAINER_MAX_GRAD_NORM),
 ]
 
 
@@ -135,6 +145,16 @@ def _fp8_weight_bytes(model: GPTConfig, dtype: torch.dtype, device: torch.device
     return per_element([p for p in net.parameters() if p in layers]), per_element(list(net.parameters()))
 
 
+def _clip(case: Case, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
+    """The clip before a step of a clipping row: Fp8AdamW's own (folded into its step), or torch's."""
+    if case.clip is None:
+        return
+    if isinstance(opt, Fp8AdamW):
+        opt.clip_grad_norm_(case.clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, case.clip, foreach=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per optimizer (median reported)")
@@ -153,12 +173,14 @@ def main() -> None:
         params = _params(model, case.weights, device)
         opt, kwargs = case.make(params), case.step_kwargs(params)
         for _ in range(2):  # warm-up: state allocation, kernel build/load, compilation
+            _clip(case, params, opt)
             opt.step(**kwargs)
         runs.append((case, params, opt, kwargs, []))
     for _ in range(args.rounds):
-        for _, _, opt, kwargs, times in runs:
+        for case, params, opt, kwargs, times in runs:
             sync(device)
             start = time.perf_counter()
+            _clip(case, params, opt)
             opt.step(**kwargs)
             sync(device)
             times.append(time.perf_counter() - start)
@@ -168,16 +190,19 @@ def main() -> None:
     base_ms = statistics.median(runs[0][4]) * 1e3
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"Optimizer step, GPT {n_params / 1e6:.1f}M parameters, {where}, "
-          f"median of {args.rounds} steps; baseline = torch AdamW fused=True, fp32 weights")
+          f"median of {args.rounds} steps; baseline = torch AdamW fused=True, fp32 weights (rows with "
+          f"'clip +': clip to norm {TRAINER_MAX_GRAD_NORM} then step, against the first such row)")
     header = (f"| {'optimizer':<29} | {'weights':<8} | {'bytes/param':>11} | {'vs base':>7} | {'step ms':>8} | "
               f"{'vs base':>7} | {'target':<15} |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    clip_base = next((statistics.median(t) * 1e3 for c, _, _, _, t in runs if c.clip is not None), None)
     for case, params, opt, _, times in runs:
         nbytes, ms = _bytes_per_param(params, opt), statistics.median(times) * 1e3
+        ratio = ms / (clip_base if case.clip is not None else base_ms)  # clipping rows: to the first of them
         weights = str(case.weights).removeprefix("torch.")
         print(f"| {case.name:<29} | {weights:<8} | {nbytes:>11.2f} | {nbytes / base_bytes:>6.2f}x | {ms:>8.1f} | "
-              f"{ms / base_ms:>6.2f}x | {verdict(ms / base_ms, case.target, at_most=True):<15} |")
+              f"{ratio:>6.2f}x | {verdict(ratio, case.target, at_most=True):<15} |")
     linear, whole = _fp8_weight_bytes(model, torch.bfloat16, device)
     print(f"\nFP8 primary weights + Fp8AdamW defaults (bf16 model, not timed; bytes per element, per-tensor "
           f"scalars left out): {linear:.3f} bytes/param over the FP8 linear weights, target "

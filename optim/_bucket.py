@@ -45,16 +45,17 @@ _BITS_DTYPE = {torch.float8_e4m3fn: torch.uint8, torch.float16: torch.int16, tor
                torch.float32: torch.int32}
 
 
-def coef_matrix(steps: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+def coef_matrix(steps: torch.Tensor, group: dict[str, Any], grad_scale: float = 1.0) -> torch.Tensor:
     """(n, len(COEF_NAMES)) fp32 coefficients of this step for tensors at step numbers ``steps``
     (the step being taken, >= 1). Computed in float64 and rounded once, as torch does with the Python
-    floats of its single-tensor AdamW."""
+    floats of its single-tensor AdamW. ``grad_scale``: an fp32 value every gradient is multiplied by
+    (a clip coefficient), folded into grad_mul with maximize's sign (exact)."""
     t = steps.to(torch.float64)
     beta1, beta2 = group["betas"]
     lr, wd = float(group["lr"]), group["weight_decay"]
     full = {
         "one_minus_beta1": 1.0 - beta1, "beta2": beta2, "one_minus_beta2": 1.0 - beta2,
-        "decay": 1.0 - lr * wd, "eps": group["eps"], "grad_mul": -1.0 if group["maximize"] else 1.0,
+        "decay": 1.0 - lr * wd, "eps": group["eps"], "grad_mul": -grad_scale if group["maximize"] else grad_scale,
     }
     computed = {"step_size": lr / (1.0 - beta1**t), "bc2_sqrt_inv": (1.0 - beta2**t).rsqrt()}
     cols = [computed[name] if name in computed else torch.full_like(t, full[name]) for name in COEF_NAMES]
@@ -173,6 +174,20 @@ class Bucket:
             return out
         return torch.stack(torch._foreach_norm(self.grads, ord=float("inf"))).to(torch.float32)
 
+    def grad_amax_and_sumsq(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) fp32 max |g| and (n,) float64 sum of g**2 per tensor, from one read of each gradient where
+        the kernel runs (``csrc/fp8adamw_gradstats.h``: squares and sums in double, relative error ~1e-8
+        measured); the foreach path reads twice and takes fp32 norms (``torch._foreach_norm``, ~1e-6), so
+        the two may differ in the low bits. Non-finite where a gradient is."""
+        if self.fused:
+            amax = torch.zeros(len(self.params), dtype=torch.float32)
+            sumsq = torch.zeros(len(self.params), dtype=torch.float64)
+            self._call_kernel("fp8adamw_grad_amax", grad_amax=amax, grad_sumsq=sumsq)
+            return amax, sumsq
+        amax = torch.stack(torch._foreach_norm(self.grads, ord=float("inf"))).to(torch.float32)
+        norms = torch._foreach_norm(self.grads, ord=2, dtype=torch.float32)  # fp32 even for bf16 gradients
+        return amax, torch.stack(norms).to(torch.float64).square()
+
     def bounds(self, grad_amax: torch.Tensor) -> torch.Tensor | None:
         """(n, 3) fp32 upper bounds of the new amax of m, v, w (``_bounds``), or None where this step
         cannot bound them: a state without a record, or a parameter that is its own master with a
@@ -236,7 +251,7 @@ class Bucket:
 
     def _call_kernel(self, name: str, **arrays: torch.Tensor) -> None:
         """Call ``name`` with this bucket's pointer tables and the given fp32 / int32 arrays (scale_inv,
-        new_scale, amax, tau, stats, grad_amax; absent ones get a dummy)."""
+        new_scale, amax, tau, stats, grad_amax; absent ones get a dummy) and float64 grad_sumsq (absent: NULL)."""
         m_fmt, v_fmt, w_fmt = self.formats
         n = len(self.params)
         dummy = torch.zeros(max(n, 1) * 6)
@@ -250,7 +265,9 @@ class Bucket:
         }
         for key in ("scale_inv", "new_scale", "amax", "tau", "stats", "grad_amax"):
             keep[key] = arrays[key].contiguous() if key in arrays else dummy
+        sumsq = arrays.get("grad_sumsq")  # NULL: the kernel computes no sums of squares
         args = KernelArgs(
+            grad_sumsq=sumsq.data_ptr() if sumsq is not None else None,
             n_tensors=n, **{k: v.data_ptr() for k, v in keep.items()},
             grad_dtype=PARAM_DTYPES[self.grads[0].dtype], param_dtype=PARAM_DTYPES[self.params[0].dtype],
             exp_avg_dtype=m_fmt.code, exp_avg_sq_dtype=v_fmt.code,

@@ -76,6 +76,7 @@ class KernelArgs(ctypes.Structure):
         ("w_amax_needed", ctypes.c_int32),
         ("coef", _P), ("scale_inv", _P), ("new_scale", _P), ("amax", _P),
         ("rounding", ctypes.c_int32), ("sr_key", _P), ("tau", _P), ("stats", _P), ("grad_amax", _P),
+        ("grad_sumsq", _P),
     ]
 
 

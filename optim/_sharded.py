@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-__all__ = ["like_param", "local", "shard_group", "sync_max_"]
+__all__ = ["like_param", "local", "shard_group", "sync_max_", "sync_sum_"]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -60,3 +60,13 @@ def sync_max_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None) 
     dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view(t.shape))
+
+
+def sync_sum_(values: torch.Tensor, group: dist.ProcessGroup | None, device: torch.device | None) -> None:
+    """Elementwise SUM over the ranks of ``group``, in place, in one all_reduce on ``device`` (the
+    parameters', so that NCCL gets a CUDA tensor): the per-tensor sums of the shards' squares."""
+    if group is None:
+        return
+    on_device = values.to(device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group)
+    values.copy_(on_device.to(values.device))

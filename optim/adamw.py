@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fp8train.optim._bounds import RECORD, initial_record
+from fp8train.optim._bounds import initial_record
 from fp8train.optim._bucket import (
     RECORD_KEY,
     Bucket,
@@ -45,6 +45,7 @@ from fp8train.optim._bucket import (
     given_amax,
     weight_amax_needed,
 )
+from fp8train.optim._clip import PendingClip, clip_coefficient
 from fp8train.optim._eager import SLOT_NAMES, STORED_KEYS
 from fp8train.optim._formats import (
     EXP_AVG_FORMATS,
@@ -65,15 +66,15 @@ from fp8train.optim._fp8_weights import (
 )
 from fp8train.optim._kernel import load_kernel
 from fp8train.optim._rounding import parameter_key, stream_keys
-from fp8train.optim._sharded import like_param, local, shard_group, sync_max_
+from fp8train.optim._sharded import like_param, local, shard_group, sync_max_, sync_sum_
+from fp8train.optim._state_dict import ROUNDING_KEY as _KEY
+from fp8train.optim._state_dict import loaded_state
 from fp8train.optim.config import check_hyperparameters, check_rounding
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 
 __all__ = ["Fp8AdamW"]
 
 _OWNER = "Fp8AdamW"
-_SCALE_KEYS = ("step", "exp_avg_log2_scale", "exp_avg_sq_log2_scale", "master_log2_scale")
-_KEY = "rounding_key"  # 0-d int64 per parameter: its stochastic-rounding key (``_rounding``)
 
 
 class Fp8AdamW(torch.optim.Optimizer):
@@ -147,6 +148,7 @@ class Fp8AdamW(torch.optim.Optimizer):
         self._stochastic = rounding == "stochastic"
         self._seed = seed
         self._skipped_steps = 0
+        self._pending_clip: PendingClip | None = None  # clip_grad_norm_'s, applied by the next step
         self.last_step_skipped = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
@@ -228,7 +230,14 @@ class Fp8AdamW(torch.optim.Optimizer):
             self._fp8_weights[p].release_high_precision_()
         return state
 
-    def _buckets(self, group: dict[str, Any], grad_amax: Mapping[torch.Tensor, Any] | None = None) -> list[Bucket]:
+    def _buckets(self, group: dict[str, Any], grad_amax: Mapping[torch.Tensor, Any] | None = None,
+                 grad_scale: float = 1.0) -> list[Bucket]:
+        return [bucket for bucket, _ in self._buckets_with_params(group, grad_amax, grad_scale)]
+
+    def _buckets_with_params(self, group: dict[str, Any], grad_amax: Mapping[torch.Tensor, Any] | None = None,
+                             grad_scale: float = 1.0) -> list[tuple[Bucket, list[torch.Tensor]]]:
+        """The group's buckets, each with its parameters (the bucket holds their outputs: an FP8 primary
+        weight's is the gradient buffer it is written into)."""
         members: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         positions = None
         for p in group["params"]:
@@ -248,16 +257,56 @@ class Fp8AdamW(torch.optim.Optimizer):
             steps = torch.stack([s["step"] for s in states]) + 1
             compiled = compiled_default(params[0].device) if self._compiled is None else self._compiled
             outputs = [local(weight_output(p, self._fp8_weights.get(p))) for p in params]
-            buckets.append(Bucket(params=outputs, grads=[local(p.grad) for p in params], states=states,
+            buckets.append((Bucket(params=outputs, grads=[local(p.grad) for p in params], states=states,
                                   group=shard_group(params),
-                                  formats=self._formats, coef=coef_matrix(steps, group), fused=fused,
+                                  formats=self._formats, coef=coef_matrix(steps, group, grad_scale), fused=fused,
                                   compiled=compiled,
                                   w_amax_needed=weight_amax_needed(self._formats[2], group),
                                   sr_keys=stream_keys(torch.stack([s[_KEY] for s in states]), steps)
-                                  if self._stochastic else None, given_grad_amax=given_amax(params, grad_amax)))
+                                  if self._stochastic else None, given_grad_amax=given_amax(params, grad_amax)),
+                            params))
         return buckets
 
     # ---- the step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float,
+                        reduce_sumsq: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's gradients, folded into the next ``step``:
+        returns the total L2 norm (0-d fp32; non-finite if a gradient is) and leaves the gradients as they
+        are. One read of each gradient gives its sum of squares and its max |g| (optim/_clip.py); the next
+        step multiplies every gradient it decodes by min(1, max_norm / (norm + 1e-6)) and takes max |g| x
+        that coefficient as its ``grad_amax``, so clipping costs no pass of its own and the step reads each
+        gradient once more. The step must come next: one whose gradients changed since raises
+        RuntimeError; ``zero_grad`` drops the pending clip. A non-finite norm leaves nothing pending (the
+        step's own check skips such a step).
+
+        max_norm:     > 0; math.inf measures the norm without clipping.
+        reduce_sumsq: the total sum of squares from a (P,) float64 vector of this optimizer's per-parameter
+                      sums (in ``param_groups`` order, 0 for parameters without a gradient), e.g. an
+                      all_reduce over ranks that own different parameters; default: its sum. Shards of
+                      DTensor parameters are all-reduced over their mesh first."""
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+            raise ValueError(f"{_OWNER}.clip_grad_norm_: max_norm={max_norm!r} is not allowed; allowed: a number > 0")
+        params = self._all_params()
+        sumsq = torch.zeros(len(params), dtype=torch.float64)
+        grad_amax: dict[torch.Tensor, torch.Tensor] = {}
+        index = {id(p): i for i, p in enumerate(params)}
+        for group in self.param_groups:
+            for bucket, members in self._buckets_with_params(group):
+                amax, sq = bucket.grad_amax_and_sumsq()
+                sumsq[[index[id(p)] for p in members]] = sq.cpu()
+                grad_amax.update(zip(members, amax.unbind(0)))
+        sync_sum_(sumsq, shard_group(params), params[0].device if params else None)
+        total = reduce_sumsq(sumsq) if reduce_sumsq is not None else sumsq.sum()
+        norm = total.to(torch.float64).sqrt().to(torch.float32)
+        finite = bool(torch.isfinite(norm))
+        self._pending_clip = PendingClip.measured(clip_coefficient(norm, max_norm), grad_amax) if finite else None
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending_clip = None
+        super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -275,9 +324,14 @@ class Fp8AdamW(torch.optim.Optimizer):
         """
         with torch.enable_grad():
             loss = closure() if closure is not None else None
+        pending, self._pending_clip = self._pending_clip, None
+        if pending is not None:
+            pending.check(_OWNER, self._all_params())
+            grad_amax = pending.grad_amax  # exact, so never looser than a caller's bound
+        grad_scale = pending.coef if pending is not None else 1.0
         self.last_step_skipped = found_inf is not None and bool(found_inf)
         if not self.last_step_skipped:
-            buckets = [b for group in self.param_groups for b in self._buckets(group, grad_amax)]
+            buckets = [b for group in self.param_groups for b in self._buckets(group, grad_amax, grad_scale)]
             amaxes = amax_bounds(buckets)  # nothing written yet
             self.last_step_skipped = amaxes is None
             if amaxes is not None:
@@ -342,7 +396,7 @@ class Fp8AdamW(torch.optim.Optimizer):
                                   weight_decay=group.get("weight_decay"), maximize=group.get("maximize"))
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        states = {p: self._loaded_state(state_dict["state"][saved_id], p, position)
+        states = {p: loaded_state(_OWNER, state_dict["state"][saved_id], p, self._formats, parameter_key(self._seed, position))
                   for position, (saved_id, p) in enumerate(zip(saved_ids, params)) if saved_id in state_dict["state"]}
         # nothing has changed so far; torch restores the groups (hyperparameters), then the states go in
         super().load_state_dict({**state_dict, "state": {}})
@@ -351,38 +405,3 @@ class Fp8AdamW(torch.optim.Optimizer):
             if p in self._fp8_weights:  # the loaded master replaces the parameter's values
                 self._fp8_weights[p].release_high_precision_()
         self._skipped_steps = int(saved.get("skipped_steps", 0))
-
-    def _loaded_state(self, saved: dict[str, Any], p: torch.Tensor, position: int) -> dict[str, Any]:
-        """A checked copy of one parameter's saved state, on its device. A state from another optimizer
-        or model must not reach the kernels, which read each state with its configured dtype and the
-        parameter's size. States saved before STORED_KEYS existed held the codes under the slot names."""
-        if not any(key in saved for key in STORED_KEYS.values()):
-            saved = {STORED_KEYS.get(k, k): v for k, v in saved.items()}
-        state = {k: v.detach().to(device=p.device, copy=True).contiguous() if torch.is_tensor(v) else v
-                 for k, v in saved.items()}
-        m_fmt, v_fmt, w_fmt = self._formats
-        expected = {STORED_KEYS["exp_avg"]: m_fmt.dtype, STORED_KEYS["exp_avg_sq"]: v_fmt.dtype}
-        if w_fmt is not None:
-            expected[STORED_KEYS["master"]] = w_fmt.dtype
-        for key, dtype in expected.items():
-            value = state.get(key)
-            if not torch.is_tensor(value) or value.dtype != dtype or value.shape != p.shape:
-                found = "missing" if not torch.is_tensor(value) else f"{value.dtype} {tuple(value.shape)}"
-                raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} is {found}; expected {dtype} "
-                                 f"{tuple(p.shape)}")
-        for key in _SCALE_KEYS:
-            if not torch.is_tensor(state.get(key)) or state[key].numel() != 1:
-                raise ValueError(f"{_OWNER}.load_state_dict: state {key!r} must be a 0-d tensor")
-            state[key] = state[key].to(torch.float32).reshape(())
-        record = state.get(RECORD_KEY)  # absent in states saved before records: the next step takes two passes
-        if record is not None and not (torch.is_tensor(record) and record.dtype == torch.float32
-                                       and record.shape == (len(RECORD),)):
-            raise ValueError(f"{_OWNER}.load_state_dict: state {RECORD_KEY!r} must be a ({len(RECORD)},) "
-                             "float32 tensor")
-        key = state.get(_KEY)  # states saved before stochastic rounding existed get this optimizer's key
-        if not torch.is_tensor(key) or key.numel() != 1 or key.dtype != torch.int64:
-            if key is not None:
-                raise ValueError(f"{_OWNER}.load_state_dict: state {_KEY!r} must be a 0-d int64 tensor")
-            key = parameter_key(self._seed, position)
-        state[_KEY] = key.reshape(()).to(p.device)
-        return state

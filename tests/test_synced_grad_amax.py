@@ -1,6 +1,7 @@
 """``CommStats.grad_amax``: upper bounds of max |g| after an FP8 gradient sync, known from the shared scales
 alone (comm/allreduce.py, ``synced_grad_amax``), and the trainer's strategies handing them to
-``Fp8AdamW.step(grad_amax=)`` so that its step reads each gradient once.
+``Fp8AdamW.step(grad_amax=)`` so that its step reads each gradient once (or, where the trainer
+clips, ``Fp8AdamW.clip_grad_norm_``'s exact amaxes from the clip's own read).
 
 A bound must never be below the synchronised gradient's true amax (the optimizer's scales would then
 let a stored state overflow), and must stay within two FP8 roundings of the largest |g| any rank sent
@@ -67,17 +68,26 @@ def test_synced_grad_amax_bounds_the_synchronised_gradients(fmt, margin):
             assert chunk_amax <= chunk_bound
 
 
-def _strategy_worker(rank: int, world: int, preset: dict, parallel: dict) -> list[tuple[float, float]]:
-    """(true max |g|, bound handed to Fp8AdamW) for every parameter the local optimizer steps."""
-    model, strategy = tiny_strategy(rank, world, preset, parallel=parallel)
+def _strategy_worker(rank: int, world: int, preset: dict, parallel: dict,
+                     max_grad_norm: float | None) -> list[tuple[str, float, float]]:
+    """(where the step's max |g| came from, true max |g| of the gradient the step applies, the max |g| the
+    step is given) for every parameter the local optimizer steps: "clip" (Fp8AdamW.clip_grad_norm_'s
+    exact amax of the clipped gradient) or "sync" (the FP8 sync's bound, passed as ``grad_amax``)."""
+    model, strategy = tiny_strategy(rank, world, preset, parallel=parallel, optim={"max_grad_norm": max_grad_norm})
     optimizer = strategy.local_optimizer
-    seen: list[tuple[float, float]] = []
+    seen: list[tuple[str, float, float]] = []
     original = optimizer.step
 
     def recording_step(*args, grad_amax=None, **kwargs):
         stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        assert grad_amax is not None and set(grad_amax) == set(stepped), "a bound for every stepped parameter"
-        seen.extend((float(p.grad.abs().max()), float(grad_amax[p])) for p in stepped)
+        pending = optimizer._pending_clip
+        if pending is not None:  # applied by this step: the gradient it sees is fl(g * coef)
+            assert set(pending.grad_amax) == set(stepped), "an amax for every stepped parameter"
+            seen.extend(("clip", float((p.grad.float() * pending.coef).abs().max()), float(pending.grad_amax[p]))
+                        for p in stepped)
+        else:
+            assert grad_amax is not None and set(grad_amax) == set(stepped), "a bound for every stepped parameter"
+            seen.extend(("sync", float(p.grad.abs().max()), float(grad_amax[p])) for p in stepped)
         return original(*args, grad_amax=grad_amax, **kwargs)
 
     optimizer.step = recording_step  # this instance only: records what the strategy hands over
@@ -91,11 +101,19 @@ def _strategy_worker(rank: int, world: int, preset: dict, parallel: dict) -> lis
     return seen
 
 
-@pytest.mark.parametrize("parallel", [{"strategy": "ddp"}, {"strategy": "zero2"}], ids=["ddp", "zero2"])
-def test_strategies_hand_the_sync_bounds_to_fp8_adamw(parallel):
+@pytest.mark.parametrize("parallel,max_grad_norm,source", [
+    ({"strategy": "ddp"}, 0.01, "clip"),   # the clip's coefficient < 1 folded into the step
+    ({"strategy": "ddp"}, None, "clip"),   # the norm is measured anyway (for the log): its amax comes along
+    ({"strategy": "zero2"}, 0.01, "clip"),
+    ({"strategy": "zero2"}, None, "sync"),  # nothing reads the gradients before the step: the sync's bounds
+], ids=["ddp-clip", "ddp-noclip", "zero2-clip", "zero2-noclip"])
+def test_strategies_hand_fp8_adamw_the_amax_of_every_gradient(parallel, max_grad_norm, source):
     preset = {"gemm": "fp8", "grad_comm": "fp8", "optimizer": "fp8_adamw"}
-    out = run_workers(_strategy_worker, 2, preset, parallel, timeout_s=120)
-    pairs = [pair for res in out for pair in res]
-    assert pairs
-    for true_amax, bound in pairs:  # (clipping may shrink the gradients below the sync's bound, never above)
-        assert true_amax <= bound < float("inf"), (true_amax, bound)
+    out = run_workers(_strategy_worker, 2, preset, parallel, max_grad_norm, timeout_s=120)
+    rows = [row for res in out for row in res]
+    assert rows and {where for where, _, _ in rows} == {source}
+    for _, true_amax, given in rows:
+        if source == "clip":  # exact: fl(max|g| * c) is max |fl(g * c)|, rounding being monotone
+            assert given == true_amax, (true_amax, given)
+        else:
+            assert true_amax <= given < float("inf"), (true_amax, given)

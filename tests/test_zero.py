@@ -71,13 +71,20 @@ def _backward(model: GPT, x: torch.Tensor, y: torch.Tensor, poison: bool) -> Non
         model.h[1].mlp.c_fc.weight.grad[3, 5] = float("inf")
 
 
-def _reference_clip_(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """clip_grad_norm_'s formula with the norm from per-parameter fp32 sums of squares summed in
-    parameter order; also torch's own norm, for a sanity check of the formula."""
-    torch_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    norm = torch.stack([g.to(torch.float32).square().sum() for g in grads]).sum().sqrt()
+def _torch_adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
+
+
+def _reference_clip_(grads: list[torch.Tensor], max_norm: float, ref: torch.optim.Optimizer) -> torch.Tensor:
+    """What ZeroOptimizer's clip computes, on the replicated gradients: Fp8AdamW's own clip (per-parameter
+    float64 sums of squares from its kernel, the coefficient folded into its next step); any other
+    optimizer: per-parameter fp32 sums of squares summed in float64 in parameter order, clip_grad_norm_'s
+    formula, gradients scaled."""
+    if isinstance(ref, Fp8AdamW):
+        return ref.clip_grad_norm_(max_norm)
+    norm = torch.stack([g.to(torch.float32).square().sum() for g in grads]).double().sum().sqrt().float()
     torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm, torch_norm
+    return norm
 
 
 def _count_collectives() -> dict[str, int]:
@@ -97,12 +104,13 @@ def _count_collectives() -> dict[str, int]:
     return calls
 
 
-def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm, bucket_bytes=64 * 2**20):
+def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm, bucket_bytes=64 * 2**20, optimizer="fp8"):
     zero_model, ref_model = _model(), _model()
-    zero = ZeroOptimizer(zero_model.named_parameters(), _adamw,
+    factory = _adamw if optimizer == "fp8" else _torch_adamw
+    zero = ZeroOptimizer(zero_model.named_parameters(), factory,
                          config=ZeroConfig(stage=stage, max_grad_norm=max_grad_norm,
                                            comm=Fp8CommConfig(bucket_bytes=bucket_bytes)))
-    ref = _adamw(list(ref_model.parameters()))
+    ref = factory(list(ref_model.parameters()))
     norms, skipped_flags, calls_per_step = [], [], []
     for step in range(steps):
         x, y = _batch(rank, step)
@@ -116,10 +124,14 @@ def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm, bucke
         grads = [p.grad for p in ref_model.parameters()]
         stats = fp8_all_reduce_(grads)
         if max_grad_norm is not None and not stats.found_inf:
-            norm, torch_norm = _reference_clip_(grads, max_grad_norm)
-            norms.append((result.grad_norm, norm, torch_norm))
-        # the sync's amax bounds, as ZeroOptimizer passes them (stats follow the gradients' order)
-        ref.step(found_inf=stats.found_inf, grad_amax=dict(zip(ref_model.parameters(), stats.grad_amax, strict=True)))
+            # torch's own norm (per-tensor norms first), for a sanity check of the formula
+            torch_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            norms.append((result.grad_norm, _reference_clip_(grads, max_grad_norm, ref), torch_norm))
+        if isinstance(ref, Fp8AdamW):  # the sync's amax bounds, as ZeroOptimizer passes them (stats follow the
+            # gradients' order); a clip's exact amaxes take precedence
+            ref.step(found_inf=stats.found_inf, grad_amax=dict(zip(ref_model.parameters(), stats.grad_amax, strict=True)))
+        elif not stats.found_inf:
+            ref.step()
         if stage == 2:
             owned = set(zero.owned_parameter_names)
             assert all((p.grad is None) == (n not in owned) for n, p in zero_model.named_parameters()), \
@@ -129,9 +141,9 @@ def _train(rank, world_size, calls, stage, steps, inf_step, max_grad_norm, bucke
         zero_params=[p.detach().clone() for p in zero_model.parameters()],
         ref_params=[p.detach().clone() for p in ref_model.parameters()],
         init_params=[p.detach().clone() for p in _model().parameters()],
-        skipped=zero.skipped_steps, ref_skipped=ref.skipped_steps, skipped_flags=skipped_flags,
+        skipped=zero.skipped_steps, ref_skipped=getattr(ref, "skipped_steps", None), skipped_flags=skipped_flags,
         state_nbytes=zero.state_nbytes(), predicted=zero.predicted_state_nbytes(),
-        ref_state_nbytes=ref.state_nbytes(), owned=zero.owned_parameter_names,
+        ref_state_nbytes=ref.state_nbytes() if isinstance(ref, Fp8AdamW) else None, owned=zero.owned_parameter_names,
         norms=norms, calls_per_step=calls_per_step, owner=zero.partition.owner,
     )
 
@@ -141,12 +153,13 @@ def _worker_runs(rank, world_size, runs):
     return [_train(rank, world_size, calls, *run) for run in runs]
 
 
-# (stage, steps, inf_step, max_grad_norm[, bucket_bytes]) per world size. Starting the processes (~5 s) and the first
+# (stage, steps, inf_step, max_grad_norm[, bucket_bytes, optimizer]) per world size. Starting the processes (~5 s) and the first
 # step (~3 s of kernel warm-up) dominate a run's time, so each world size starts its processes once
 # and trains every configuration in them, one after another, each from a fresh model.
 RUNS = {
     2: [(1, 20, None, None), (2, 20, None, None), (1, 6, 2, None), (2, 6, 2, None),
-        (1, 8, None, MAX_NORM_THAT_CLIPS), (2, 8, None, MAX_NORM_THAT_CLIPS), (2, 6, 2, None, SMALL_BUCKET_BYTES)],
+        (1, 8, None, MAX_NORM_THAT_CLIPS), (2, 8, None, MAX_NORM_THAT_CLIPS), (2, 6, 2, None, SMALL_BUCKET_BYTES),
+        (2, 8, None, MAX_NORM_THAT_CLIPS, 64 * 2**20, "torch")],
     4: [(1, 8, None, None), (2, 8, None, None), (2, 6, 2, None)],
 }
 
@@ -203,14 +216,16 @@ def test_state_bytes_match_the_partition_prediction(world_size, stage, steps):
     assert max(predicted) <= 5 * (sum(numels) / world_size + max(numels)) + 16 * len(numels)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_clipping_matches_the_replicated_path_bit_for_bit(stage):
-    results = _results(2)[(stage, 8, None, MAX_NORM_THAT_CLIPS)]
+@pytest.mark.parametrize("run", [(1, 8, None, MAX_NORM_THAT_CLIPS), (2, 8, None, MAX_NORM_THAT_CLIPS),
+                                 (2, 8, None, MAX_NORM_THAT_CLIPS, 64 * 2**20, "torch")],
+                         ids=["stage1", "stage2", "stage2-torch-adamw"])
+def test_clipping_matches_the_replicated_path_bit_for_bit(run):
+    results = _results(2)[run]
     _assert_matches_replicated_and_identical_across_ranks(results)
     for res in results:
         assert len(res["norms"]) == 8
         for zero_norm, ref_norm, torch_norm in res["norms"]:
-            # bit-exact: the same per-parameter fp32 sums of squares, summed in the same order
+            # bit-exact: the same per-parameter sums of squares, summed in the same order
             assert torch.equal(zero_norm, ref_norm)
             assert zero_norm > MAX_NORM_THAT_CLIPS, "the test must exercise clipping"
             # torch's clip_grad_norm_ takes per-tensor norms first: another fp32 rounding order

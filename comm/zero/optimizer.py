@@ -345,7 +345,8 @@ class ZeroOptimizer:
                 raise RuntimeError(f"ZeroOptimizer.step: parameter(s) without a gradient on rank(s) {ranks}")
             return self._skip(comm)
         if self.config.max_grad_norm is not None:
-            self.last_grad_norm = clip_owned_grads_(self.params, self._owned, self.config.max_grad_norm, self.group)
+            self.last_grad_norm = clip_owned_grads_(self.params, self._owned, self.config.max_grad_norm, self.group,
+                                                    self.optimizer)
             if not bool(torch.isfinite(self.last_grad_norm)):  # the same norm, so the same verdict, everywhere
                 return self._skip(comm)
         self.last_step_skipped = False
@@ -356,7 +357,8 @@ class ZeroOptimizer:
 
     def _inner_step_kwargs(self, comm: CommStats) -> dict[str, Any]:
         """``Fp8AdamW``: the sync's upper bounds of the owned gradients' amax (``CommStats.grad_amax``), so
-        that its step reads each gradient once. Clipping scales by at most 1, so they still bound them."""
+        that its step reads each gradient once. With clipping the step has the exact amaxes from
+        ``clip_owned_grads_`` instead, which take precedence (``Fp8AdamW.clip_grad_norm_``)."""
         if not isinstance(self.optimizer, Fp8AdamW):
             return {}
         bound = comm.grad_amax_by_name()

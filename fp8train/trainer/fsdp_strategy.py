@@ -29,7 +29,7 @@ from fp8train.trainer.build import build_optimizer
 from fp8train.trainer.compile import transformer_blocks
 from fp8train.trainer.config import TrainConfig
 from fp8train.trainer.distributed import DistEnv
-from fp8train.trainer.strategy import StepOutcome
+from fp8train.trainer.strategy import StepOutcome, clip_grad_norm
 
 __all__ = ["FsdpStrategy"]
 
@@ -93,12 +93,11 @@ class FsdpStrategy:
         norm = None
         if not found_inf:
             grads = [p for _, p in self.named if p.grad is not None]
-            total = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm or math.inf, foreach=True)
+            total = clip_grad_norm(self.optimizer, grads, self.max_grad_norm)
             norm = _full_float(total)  # DTensor norms are reduced over the mesh: the same on every rank
             found_inf = not math.isfinite(norm)
         if isinstance(self.optimizer, Fp8AdamW):
-            bound = stats.grad_amax_by_name() if stats is not None else {}
-            self.optimizer.step(found_inf=found_inf, grad_amax={p: bound[n] for n, p in self.named if n in bound})
+            self.optimizer.step(found_inf=found_inf)  # clip_grad_norm gave it each gradient's exact max |g|
             found_inf = found_inf or self.optimizer.last_step_skipped  # agreed over the mesh (optim/_sharded.py)
         elif not found_inf:
             self.optimizer.step()

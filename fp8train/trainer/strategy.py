@@ -95,6 +95,16 @@ class Strategy(Protocol):
         ...
 
 
+def clip_grad_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+                   max_grad_norm: float | None) -> torch.Tensor:
+    """The total L2 norm of the gradients, clipped to ``max_grad_norm`` (None: measured only). Fp8AdamW
+    folds the clip into its next step (``Fp8AdamW.clip_grad_norm_``: one read of each gradient, which
+    also gives the step its exact max |g|); any other optimizer gets torch's clip_grad_norm_."""
+    if isinstance(optimizer, Fp8AdamW):
+        return optimizer.clip_grad_norm_(max_grad_norm or math.inf)
+    return torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or math.inf, foreach=True)
+
+
 def _ring_all_reduce_bytes(params: list[nn.Parameter], world_size: int) -> int:
     """Bytes a rank sends in a ring all-reduce of the gradients: 2 (N-1)/N of their size."""
     nbytes = sum(p.numel() * p.element_size() for p in params)
@@ -152,14 +162,13 @@ class DdpStrategy:
         if not found_inf:
             grads = [p for p in self.params if p.grad is not None]
             # after DDP's all-reduce every rank holds the same gradients, so the same norm and verdict
-            total = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm or math.inf, foreach=True)
+            total = clip_grad_norm(self.optimizer, grads, self.max_grad_norm)
             norm = float(total)
             found_inf = not math.isfinite(norm)
         if isinstance(self.optimizer, Fp8AdamW):
-            # the FP8 sync's upper bounds of max |g| (still bounds after clipping, which scales by <= 1):
-            # the step then reads each gradient once (comm.allreduce.synced_grad_amax)
-            bound = stats.grad_amax_by_name() if stats is not None else {}
-            self.optimizer.step(found_inf=found_inf, grad_amax={p: bound[n] for n, p in self.named if n in bound})
+            # clip_grad_norm (above) gave the step each gradient's exact max |g| and its clip coefficient:
+            # the step reads each gradient once
+            self.optimizer.step(found_inf=found_inf)
             found_inf = found_inf or self.optimizer.last_step_skipped
         elif not found_inf:
             self.optimizer.step()

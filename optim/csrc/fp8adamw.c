@@ -6,8 +6,10 @@
  *   fp8adamw_staged.h   the portable staged loop (tails; everything without AVX2)
  *   fp8adamw_loop8.h    the AVX2 vector loop
  *   fp8adamw_loop16.h   the AVX-512 vector loop (default state formats)
+ *   fp8adamw_gradstats.h max |g| and, on request, sum of g**2 per tensor (fp8adamw_grad_amax)
  *
- * Entry points: fp8adamw_grad_amax (max |g| per tensor, read before anything is written),
+ * Entry points: fp8adamw_grad_amax (max |g| per tensor, and the sum of squares when asked; read before
+ * anything is written),
  * fp8adamw_store (the step's one pass: update, store with the given scales, per-tensor statistics for
  * the next step's bounds, _bounds.py) and fp8adamw_pass1 (exact amax of the new values, writing
  * nothing: only for two-pass steps, where a bound is unusable).
@@ -45,6 +47,8 @@ static chunk_t* make_chunks(const fp8adamw_args* a, int64_t* n_chunks) {
     *n_chunks = total;
     return chunks;
 }
+
+#include "fp8adamw_gradstats.h"
 
 
 static void range_pass(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, int pass, uint32_t* acc) {
@@ -106,67 +110,4 @@ int fp8adamw_pass1(const fp8adamw_args* a) {
    (decoded back), or the update itself when the parameter is the master; a->stats gets the statistics. */
 int fp8adamw_store(const fp8adamw_args* a) {
     return run_pass(a, 2, N_STAT, a->stats);
-}
-
-/* max |g| of every tensor (NaN reported as inf): read before the store pass, which may write the weight
-   into the gradient's buffer (FP8 primary weights). */
-static void grad_amax_range(const fp8adamw_args* a, int64_t t, int64_t begin, int64_t end, uint32_t* acc) {
-    const void* gp = (const void*)a->grad[t];
-    int64_t i = begin;
-#ifdef FP8ADAMW_AVX512
-    if (a->grad_dtype == DT_F32) {
-        /* 16 lanes over N_STREAMS equal parts of the chunk at once: several streams from memory in flight per
-           core (measured: ~1.6x the read rate of one stream, with or without more accumulators on it) */
-        enum { N_STREAMS = 4 };
-        const float* g = (const float*)gp + begin;
-        const int64_t part = ((end - begin) / N_STREAMS) & ~(int64_t)15;
-        const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32((int)INF_BITS);
-        __m512i m[N_STREAMS];
-        for (int k = 0; k < N_STREAMS; k++) m[k] = _mm512_setzero_si512();
-        for (int64_t j = 0; j < part; j += 16)
-            for (int k = 0; k < N_STREAMS; k++)  /* |x| bits, NaN -> inf bits */
-                m[k] = _mm512_max_epu32(m[k], _mm512_min_epu32(_mm512_and_si512(
-                    _mm512_castps_si512(_mm512_loadu_ps(g + k * part + j)), mag), inf));
-        for (int k = 1; k < N_STREAMS; k++) m[0] = _mm512_max_epu32(m[0], m[k]);
-        acc[0] = max_u32(acc[0], _mm512_reduce_max_epu32(m[0]));
-        i = begin + N_STREAMS * part;
-    }
-#endif
-#ifdef FP8ADAMW_AVX2
-    __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0;  /* independent chains */
-    if (a->grad_dtype == DT_F32) {
-        const float* g = (const float*)gp;
-        for (; i + 32 <= end; i += 32) {
-            t0 = _mm256_max_epi32(t0, absbits8(_mm256_loadu_ps(g + i)));
-            t1 = _mm256_max_epi32(t1, absbits8(_mm256_loadu_ps(g + i + 8)));
-            t2 = _mm256_max_epi32(t2, absbits8(_mm256_loadu_ps(g + i + 16)));
-            t3 = _mm256_max_epi32(t3, absbits8(_mm256_loadu_ps(g + i + 24)));
-        }
-    }
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= end; i += 8) t0 = _mm256_max_epi32(t0, absbits8(load8(gp, a->grad_dtype, i, one)));
-    acc[0] = max_u32(acc[0], hmax8(_mm256_max_epi32(_mm256_max_epi32(t0, t1), _mm256_max_epi32(t2, t3))));
-#endif
-    float g[BLOCK];
-    for (; i < end; i += BLOCK) {
-        const int n = (int)(end - i < BLOCK ? end - i : BLOCK);
-        load_block(g, gp, a->grad_dtype, i, n, 1.0f);
-        acc[0] = absmax_bits(acc[0], g, n);
-    }
-}
-
-int fp8adamw_grad_amax(const fp8adamw_args* a) {
-    int64_t n_chunks = 0;
-    chunk_t* chunks = make_chunks(a, &n_chunks);
-    uint32_t* part = (uint32_t*)calloc((size_t)(n_chunks > 0 ? n_chunks : 1), sizeof(uint32_t));
-    if (!chunks || !part) { free(chunks); free(part); return 1; }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(a->n_threads)
-    for (int64_t k = 0; k < n_chunks; k++) grad_amax_range(a, chunks[k].t, chunks[k].begin, chunks[k].end, part + k);
-    for (int64_t i = 0; i < a->n_tensors; i++) a->grad_amax[i] = 0.0f;
-    for (int64_t k = 0; k < n_chunks; k++) {
-        const float x = bits_f32(part[k]);
-        if (x > a->grad_amax[chunks[k].t]) a->grad_amax[chunks[k].t] = x;
-    }
-    free(chunks); free(part);
-    return 0;
 }

@@ -54,6 +54,7 @@ typedef struct {
     const float* tau;           /* [n] store pass: threshold on sqrt(v_new) between "big" and "small" elements */
     uint32_t* stats;            /* [n][N_STAT] store pass output */
     float* grad_amax;           /* [n] fp8adamw_grad_amax output: max |g|, NaN reported as inf */
+    double* grad_sumsq;         /* [n] fp8adamw_grad_amax output when not NULL: sum of g**2 */
 } fp8adamw_args;
 
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
