@@ -19,6 +19,8 @@ upper bound of each max|g| (``CommStats.grad_amax``, from the shared scale; comp
 region), so the step reads each gradient once, as fused AdamW does. Target (issue 16): Fp8AdamW with default formats at most as slow as fused AdamW (<= 1.00x);
 the verdict column is computed from the measurement (``_timing.verdict``). Rows 11 and 12 time what
 the trainer does with gradient clipping on (its default): clip, then step; row 12's ratio is to row 11.
+Row 13 is fused AdamW with row 2's guarantee (a non-finite gradient skips the step before anything is
+written), which costs it a read of every gradient first, as it costs row 2.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Case:
     target: float | None = None
     step_kwargs: Callable[[list[torch.nn.Parameter]], dict] = lambda ps: {}
     clip: float | None = None  # timed: clip the gradient norm to this, then step (the trainer's sequence)
+    check_finite: bool = False  # timed: read every gradient for a non-finite value first, step only if none
 
 
 def _synced_grad_amax(params: list[torch.nn.Parameter]) -> dict:
@@ -98,6 +101,10 @@ CASES = [
          make=lambda ps: torch.optim.AdamW(ps, fused=True), clip=TRAINER_MAX_GRAD_NORM),
     Case(name="clip + Fp8AdamW (trainer's)", weights=torch.float32, make=lambda ps: Fp8AdamW(ps), target=1.0,
          clip=TRAINER_MAX_GRAD_NORM),
+    # (row 13) fused AdamW with the guarantee row 2 gives (a step with a non-finite gradient skipped before
+    # anything is written), which needs every gradient read before the step: row 2's like-for-like baseline
+    Case(name="check + torch AdamW fused", weights=torch.float32,
+         make=lambda ps: torch.optim.AdamW(ps, fused=True), check_finite=True),
 ]
 
 
@@ -145,14 +152,19 @@ def _fp8_weight_bytes(model: GPTConfig, dtype: torch.dtype, device: torch.device
     return per_element([p for p in net.parameters() if p in layers]), per_element(list(net.parameters()))
 
 
-def _clip(case: Case, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
-    """The clip before a step of a clipping row: Fp8AdamW's own (folded into its step), or torch's."""
-    if case.clip is None:
+def _step(case: Case, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, kwargs: dict) -> None:
+    """One timed step of a row: the clip first in a clipping row (Fp8AdamW's own, folded into its step, or
+    torch's), the non-finite check first in a checking row (one read of every gradient, torch's foreach
+    max |g|; no step if any is non-finite)."""
+    if case.clip is not None:
+        if isinstance(opt, Fp8AdamW):
+            opt.clip_grad_norm_(case.clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, case.clip, foreach=True)
+    if case.check_finite and not bool(torch.isfinite(torch.stack(torch._foreach_norm(
+            [p.grad for p in params], ord=float("inf")))).all()):
         return
-    if isinstance(opt, Fp8AdamW):
-        opt.clip_grad_norm_(case.clip)
-    else:
-        torch.nn.utils.clip_grad_norm_(params, case.clip, foreach=True)
+    opt.step(**kwargs)
 
 
 def main() -> None:
@@ -173,15 +185,13 @@ def main() -> None:
         params = _params(model, case.weights, device)
         opt, kwargs = case.make(params), case.step_kwargs(params)
         for _ in range(2):  # warm-up: state allocation, kernel build/load, compilation
-            _clip(case, params, opt)
-            opt.step(**kwargs)
+            _step(case, params, opt, kwargs)
         runs.append((case, params, opt, kwargs, []))
     for _ in range(args.rounds):
         for case, params, opt, kwargs, times in runs:
             sync(device)
             start = time.perf_counter()
-            _clip(case, params, opt)
-            opt.step(**kwargs)
+            _step(case, params, opt, kwargs)
             sync(device)
             times.append(time.perf_counter() - start)
 

@@ -9,8 +9,8 @@ from fp8train.convert import convert_to_fp8, is_fp8_eligible
 from fp8train.formats import E4M3, E5M2, FP8_DTYPES, FP8_FORMATS, Fp8Format, as_fp8_format, format_by_name
 from fp8train.gemm import fp8_mm
 from fp8train.linear import Fp8Linear
-from fp8train.scaling_state import ScalingState
 from fp8train.scaling import amax_to_log2_scale, amax_to_scale, tensor_to_amax
+from fp8train.scaling_state import ScalingState
 from fp8train.te import convert_to_te
 from fp8train.tensor import Fp8Tensor, dequantize, quantize
 
