@@ -6,8 +6,8 @@ runs on pretend nodes, then used to project a training step at scale (docs/scali
     .venv/bin/python bench/comm_model.py --data my_runs.jsonl     # runs from: bash bench/comm_netns.sh OUT
 
 One fit per (collective, method), over every run of it (node counts x link rates x sizes):
-  t = alpha * hops + max(wire_bytes / (eta * link_rate), gamma_o * work) + gamma_s * work
-alpha: latency per ring step (hops: N-1 for a reduce-scatter, 2(N-1) for an all-reduce); eta <= 1: the
+  t = alpha * hops + max(W, G) + min(W, G) / n + gamma_s * work,  W = wire_bytes / (eta * link_rate), G = gamma_o * work
+n: the pieces the overlap runs over (``pieces``; two stages over n pieces hide all but min / n); alpha: latency per ring step (hops: N-1 for a reduce-scatter, 2(N-1) for an all-reduce); eta <= 1: the
 fraction of the link rate the collective reaches; wire_bytes: what the node's interface sent per call
 (bench/comm.py reads it from /proc/net/dev; TCP/IP headers and gloo's own choices included; the counted bytes
 where it is absent); work = elements * max(1, processes / cpus): every pretend node runs on this machine's
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _scaling import LLAMA_8B, LLAMA_70B, Cluster, assumption_rows, codec_seconds_per_element, project  # noqa: E402
 from _timing import verdict  # noqa: E402
 
+from fp8train.comm import Fp8CommConfig  # noqa: E402
+
 DATA = Path(__file__).resolve().parent / "comm_netns.jsonl"
+PIECE_BYTES = Fp8CommConfig().p2p_piece_bytes  # what bench/comm.py's FP8 all-reduce ran with (the default)
 ERROR_TARGET_PCT = 20.0  # issue 17: the model predicts the runs it was fitted to within 20 %
 
 
@@ -50,12 +54,24 @@ class Fit:
 
     def predict(self, run: dict) -> float:
         steps, wire_s, work = features(run)
-        return (self.latency_s * steps + max(wire_s / self.efficiency, self.overlapped_s_per_element * work)
+        wire, overlapped = wire_s / self.efficiency, self.overlapped_s_per_element * work
+        return (self.latency_s * steps + max(wire, overlapped) + min(wire, overlapped) / pieces(run)
                 + self.serial_s_per_element * work)
 
 
 def hops(run: dict) -> int:
     return (2 if run["collective"] == "all_reduce" else 1) * (run["world"] - 1)
+
+
+def pieces(run: dict) -> float:
+    """How many pieces a pipelined collective overlaps work and wire over (inf: as many as it likes). Two
+    stages over n equal pieces take max(a, b) + min(a, b) / n. fp8_all_reduce_ on gloo sends each rank's
+    region of the bucket in pieces of ``p2p_piece_bytes`` (comm/_pipeline.py) and the sum of a piece waits
+    for every peer's copy, so n is the pieces per region (1 byte per element): one at 4M elements on 4
+    nodes, where it overlaps nothing; gloo's rings pipeline over many chunks of their own."""
+    if (run["collective"], run["method"]) != ("all_reduce", "fp8"):
+        return math.inf
+    return float(math.ceil(run["elements"] / run["world"] / PIECE_BYTES))
 
 
 def measured(run: dict) -> float:
@@ -106,17 +122,20 @@ def _fit_group(group: list[dict], serial: bool) -> tuple[float, float, float, fl
     linearly, keep the best by the max() model."""
     t = np.array([measured(r) for r in group])
     x = np.array([features(r) for r in group])
+    inv_n = np.array([1.0 / pieces(r) for r in group])  # the smaller stage's unhidden share (``pieces``)
     order = np.argsort(x[:, 2] / x[:, 1])
     best: tuple[float, tuple[float, float, float, float]] = (float("inf"), (0.0, 1.0, 0.0, 0.0))
     for k in range(len(group), len(group) - 1 if serial else -1, -1):
         wire_bound = np.zeros(len(group), dtype=bool)
         wire_bound[order[:k]] = True
-        a = np.column_stack([x[:, 0], np.where(wire_bound, x[:, 1], 0.0), np.where(wire_bound, 0.0, x[:, 2]),
+        wire = np.where(wire_bound, x[:, 1], x[:, 1] * inv_n)  # max(W, G) + min(W, G) / n, linear per side
+        a = np.column_stack([x[:, 0], wire, np.where(wire_bound, x[:, 2] * inv_n, x[:, 2]),
                              x[:, 2]]) / t[:, None]  # rows divided by t: relative error
         # no collective moves bytes faster than the link (tc's rate and /proc/net/dev both count frames):
         # 1/eta = 1 + u with u >= 0, so the wire term at line rate moves to the right-hand side
-        (alpha, u, gamma_o, gamma_s), _ = _nonnegative_lstsq(a, 1.0 - np.where(wire_bound, a[:, 1], 0.0))
-        predicted = alpha * x[:, 0] + np.maximum(x[:, 1] * (1 + u), gamma_o * x[:, 2]) + gamma_s * x[:, 2]
+        (alpha, u, gamma_o, gamma_s), _ = _nonnegative_lstsq(a, 1.0 - a[:, 1])
+        w_s, g_s = x[:, 1] * (1 + u), gamma_o * x[:, 2]
+        predicted = alpha * x[:, 0] + np.maximum(w_s, g_s) + np.minimum(w_s, g_s) * inv_n + gamma_s * x[:, 2]
         residual = float(np.sum((predicted / t - 1) ** 2))
         if residual < best[0] - 1e-15:
             best = (residual, (alpha, 1 / (1 + u), gamma_o, gamma_s))

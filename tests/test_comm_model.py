@@ -81,11 +81,14 @@ def test_coefficients_stay_non_negative_where_plain_least_squares_goes_negative(
 
 
 def test_fit_recovers_a_pipelined_collective():
-    """Local work overlapped with the wire: t = alpha hops + max(wire / eta, gamma_o n) + gamma_s n."""
+    """Local work overlapped with the wire over n pieces: t = alpha hops + max(W, G) + min(W, G) / n + gamma_s
+    work, W = wire / eta, G = gamma_o work; n from the FP8 all-reduce's pieces per region (1 or 2 here)."""
     runs = _runs({("all_reduce", "fp8"): (2e-4, 0.95, 0.0)})
+    assert {comm_model.pieces(r) for r in runs} == {1.0, 2.0}, "runs with and without overlap"
     for r in runs:
         steps, wire_s, work = comm_model.features(r)
-        r["seconds"] = 2e-4 * steps + max(wire_s / 0.95, 5e-9 * work) + 1e-9 * work  # 1 Gbit/s: wire-bound
+        w, g = wire_s / 0.95, 5e-9 * work
+        r["seconds"] = 2e-4 * steps + max(w, g) + min(w, g) / comm_model.pieces(r) + 1e-9 * work
     f = comm_model.fit(runs)[("all_reduce", "fp8")]
     # exact data: each run on its side of the max() after the refits, so round-off again
     np.testing.assert_allclose([f.latency_s, f.efficiency, f.overlapped_s_per_element, f.serial_s_per_element],
