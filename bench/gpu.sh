@@ -35,7 +35,7 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     LINEAR=(--device cuda --shapes 8192x4096x14336,8192x14336x4096)
     STEP=(--device cuda --models llama_1b --micro-batch 4 --seq 2048 --warmup 2 --repeat 4)
-    OPTIM=(--device cuda --rounds 10 --cases 0,2,4,5)  # fused AdamW; Fp8AdamW default (compiled), eager, compiled
+    OPTIM=(--device cuda --rounds 10 --cases 0,2,4,5,11,12)  # fused AdamW; Fp8AdamW defaults (compiled on CUDA), stochastic, eager; clip + step: torch, ours
     CAST=(--device cuda --sizes-m 64 256)
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
