@@ -155,15 +155,14 @@ def _fp8_weight_bytes(model: GPTConfig, dtype: torch.dtype, device: torch.device
 def _step(case: Case, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, kwargs: dict) -> None:
     """One timed step of a row: the clip first in a clipping row (Fp8AdamW's own, folded into its step, or
     torch's), the non-finite check first in a checking row (one read of every gradient, torch's foreach
-    max |g|; no step if any is non-finite)."""
+    L2 norms, non-finite if any element is; no step then)."""
     if case.clip is not None:
         if isinstance(opt, Fp8AdamW):
             opt.clip_grad_norm_(case.clip)
         else:
             torch.nn.utils.clip_grad_norm_(params, case.clip, foreach=True)
-    if case.check_finite and not bool(torch.isfinite(torch.stack(torch._foreach_norm(
-            [p.grad for p in params], ord=float("inf")))).all()):
-        return
+    if case.check_finite and not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()):
+        return  # the L2 norms: torch's fastest full read on CPU (its max-|g| norm measured ~8x slower here)
     opt.step(**kwargs)
 
 
