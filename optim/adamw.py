@@ -272,21 +272,17 @@ class Fp8AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float,
                         reduce_sumsq: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's gradients, folded into the next ``step``:
-        returns the total L2 norm (0-d fp32; non-finite if a gradient is) and leaves the gradients as they
-        are. One read of each gradient gives its sum of squares and its max |g| (optim/_clip.py); the next
-        step multiplies every gradient it decodes by min(1, max_norm / (norm + 1e-6)) and takes max |g| x
-        that coefficient as its ``grad_amax``, so clipping costs no pass of its own and the step reads each
-        gradient once more. The step must come next: one whose gradients changed since raises
-        RuntimeError; ``zero_grad`` drops the pending clip. A non-finite norm leaves nothing pending (the
-        step's own check skips such a step).
+        """``torch.nn.utils.clip_grad_norm_`` folded into the next ``step`` (optim/_clip.py): returns the total
+        L2 norm (0-d fp32; non-finite if a gradient is) from one read of each gradient, which writes nothing;
+        the next step scales each gradient by min(1, max_norm / (norm + 1e-6)) as it reads it. A gradient
+        changed in between makes that step raise RuntimeError; ``zero_grad`` drops the pending clip.
 
         max_norm:     > 0; math.inf measures the norm without clipping.
         reduce_sumsq: the total sum of squares from a (P,) float64 vector of this optimizer's per-parameter
                       sums (in ``param_groups`` order, 0 for parameters without a gradient), e.g. an
                       all_reduce over ranks that own different parameters; default: its sum. Shards of
                       DTensor parameters are all-reduced over their mesh first."""
-        if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        if isinstance(max_norm, bool) or not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"{_OWNER}.clip_grad_norm_: max_norm={max_norm!r} is not allowed; allowed: a number > 0")
         params = self._all_params()
         sumsq = torch.zeros(len(params), dtype=torch.float64)
@@ -320,6 +316,8 @@ class Fp8AdamW(torch.optim.Optimizer):
         grad_amax: {parameter: an UPPER bound of max |grad|} (e.g. the amax a gradient all-reduce shared):
                    saves a bucket with one for each parameter its read of the gradients. The exact amax
                    gives the same bits as None, a larger one coarser scales; non-finite skips the step.
+                   After ``clip_grad_norm_``, its pending clip applies: the gradients are scaled by its
+                   coefficient as they are read, and its exact amaxes replace ``grad_amax``.
         Returns the closure's loss, like every torch optimizer.
         """
         with torch.enable_grad():

@@ -138,7 +138,7 @@ def test_a_non_finite_gradient_gives_a_non_finite_norm_and_a_skipped_step(fused,
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan"), "1"])
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan"), "1", True])
 def test_bad_max_norm_is_a_one_line_error(max_norm) -> None:
     with pytest.raises(ValueError, match=r"max_norm=.* allowed: a number > 0"):
         Fp8AdamW(_params(torch.float32)).clip_grad_norm_(max_norm)
