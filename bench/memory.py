@@ -31,8 +31,7 @@ torch.compile'd decode loop of fp8train/_decode_cpu.py, which then refuses to ru
   DeepSpeed ZeRO-1 / 2  bf16, torch AdamW object: fp32 master + m + v sharded (12/N), bf16 weights;
                         its engine.step() releases the gradients itself, so none are counted for it
                         (measured 2 + 12/N exactly), while ours still hold the (owned) gradients.
-                        Its buckets are sized like ours (``DEEPSPEED_BUCKET_ELEMENTS``): with its
-                        defaults (5e8 elements) the peaks read 46-49 bytes/param, one bucket buffer
+                        Buckets sized like ours (DEEPSPEED_BUCKET_ELEMENTS; its 5e8 default read 46-49 peaks)
   Fp8AdamW + FP8 weights as Fp8AdamW, the linear layers storing E4M3 weights (1 byte; fp8_o3's), the
                         master only in Fp8AdamW; the step frees those gradients: ~6 expected
                         (the embeddings, norms and biases, 0.6 % of the parameters, keep 9)
@@ -40,34 +39,25 @@ torch.compile'd decode loop of fp8train/_decode_cpu.py, which then refuses to ru
                         FP8 weight all-gather, Fp8AdamW on the shards), bf16 weights: 9/N expected (weight
                         2 + master 2 + m 1 + v 2 + grad 2); issue 17's target assumes FP8 primary weights
                         (1 byte): 8/N, and one block's gathered weights more at the peak
-  DeepSpeed ZeRO-3      bf16, torch AdamW object: everything sharded, 16/N expected (bf16 weights 2, fp32
-                        master + m + v 12, and the bf16 gradient partition 2, still held after step()), plus
-                        its contiguous gradient buffer (one bucket, allocated at initialize);
-                        with DeepSpeed's default buckets it read 43-47 bytes/param: a 5e8-element (1 GB)
-                        contiguous gradient buffer allocated at initialize. No peak is given: the weights it
-                        gathers during the forward count as activations here, and its collectives bypass
-                        the sampler's hooks;
+  DeepSpeed ZeRO-3      bf16, torch AdamW object: all sharded, 16/N expected (weights 2, fp32 master + m + v 12,
+                        its bf16 gradient partition 2, held after step()) + its gradient buffer, one bucket
+                        allocated at initialize (the 5e8-element default read 43-47 bytes/param). No peak: the
+                        weights it gathers in the forward count as activations, its collectives bypass hooks;
                         "+ FP8": our Fp8Linear layers and Fp8AdamW as its client optimizer (measured only)
-  ZeRO-2 + FP8 weights  ours, as fp8_o3 in the trainer: 1 + 5/N expected between steps (+ the
-                        owned bf16 gradients until the step frees them)
-  ZeRO-2, in step()     ours with ``overlap_grad_reduce=False``: the whole reduce-scatter in step(),
-                        so the backward ends holding every gradient (peak ~ 2 + 2 + 5/N + temporaries);
-                        the default reduce-scatters each bucket from the backward and frees the
-                        non-owned gradients as it goes (backward peak measured ~ between-steps + two buckets)
+  ZeRO-2 + FP8 weights  ours, as fp8_o3: 1 + 5/N expected between steps (+ owned bf16 grads until step)
+  ZeRO-2, in step()     ours with ``overlap_grad_reduce=False``: the whole reduce-scatter in step(), so the
+                        backward ends holding every gradient (peak ~ 2 + 2 + 5/N + temporaries); the default
+                        frees non-owned gradients bucket by bucket (backward peak ~ between-steps + 2 buckets)
 
-ZeRO rows are measured with no whole-model temporary alive. Their weight all-gather goes in buckets
-of at most ``ZERO_BUCKET_BYTES`` per rank (the largest parameter here, an MLP matrix, is 2 MiB), and
-each bucket's buffers have their storage released before the next bucket and before ``step``
-returns, even if the gloo backend still references the finished collective. When the whole model
-went in one all-gather whose buffer was merely dropped, it was sometimes still alive (held outside
-Python) when this script counted: ZeRO-1 at N = 4 read 7.27 bytes/param in one run, 5.27 in the
-next (+2: N x the bf16 slot, one copy of the weights).
+ZeRO rows are measured with no whole-model temporary alive: their weight all-gather goes in buckets of
+at most ``ZERO_BUCKET_BYTES`` per rank, each bucket's storage released before the next and before ``step``
+returns, even if gloo still references the finished collective. (One whole-model all-gather whose buffer
+was merely dropped was sometimes still alive when counted: ZeRO-1 at N = 4 read 7.27, then 5.27.)
 
-DeepSpeed runs on CPU over gloo with a torch optimizer object (no C++ Adam) and with its
-shared-memory comm op marked incompatible, so nothing is compiled (that build takes minutes here).
-Targets: each row's expected bytes/param between steps (above; the fp32 AdamW row 16) and, for
-our ZeRO rows, a peak of that plus one gradient bucket (``ZERO_BUCKET_BYTES`` / parameters). The
-issue's: ZeRO-2 with FP8 weights at N=4 <= 3.25 bytes/param between steps (MS-AMP O3: FP8 weights 1 + FP8 grads 1 +
+DeepSpeed runs on CPU over gloo with a torch optimizer object (no C++ Adam) and its shared-memory comm op
+marked incompatible, so nothing is compiled (that build takes minutes here). Targets: each row's expected
+bytes/param between steps (above) and, for our ZeRO rows, a peak of that plus one gradient bucket. The
+issue's: ZeRO-2 with FP8 weights at N=4 <= 3.25 between steps (MS-AMP O3: FP8 weights 1 + FP8 grads 1 +
 5/N) and <= 3.25 + one bucket at the peak.
 """
 
@@ -95,8 +85,7 @@ MODEL = dict(vocab_size=256, block_size=64, n_layer=8, n_head=8, n_embd=512)
 # all-gather): well under a rank's share of the ~50 MB of bf16 weights at N = 2 and 4
 ZERO_BUCKET_BYTES = 4 * 2**20
 DEEPSPEED_BUCKET_ELEMENTS = ZERO_BUCKET_BYTES // 4  # DeepSpeed's bucket sizes count elements
-# a configuration whose name ends so converts the linear layers to FP8 primary weights (fp8_o3's)
-FP8_WEIGHTS = " + FP8 weights"
+FP8_WEIGHTS = " + FP8 weights"  # a configuration named so has FP8 primary weights in its linear layers (fp8_o3's)
 FSDP2 = "fsdp2 + FP8"
 
 
@@ -310,14 +299,13 @@ def _deepspeed(rank: int, world_size: int, stage: int, before: int, fp8: bool) -
     # compatible (minutes on this machine); mark it unavailable so that gloo carries everything.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     model = _model(torch.float32)
-    # its buckets sized like ours (ZERO_BUCKET_BYTES of fp32 gradients, in elements): by default ZeRO-3 allocates a
-    # 5e8-element (1 GB in bf16) contiguous gradient buffer at initialize, ~40 bytes/param of this 25M model
-    buckets = {key: DEEPSPEED_BUCKET_ELEMENTS for key in ("reduce_bucket_size", "allgather_bucket_size",
-                                                          "stage3_prefetch_bucket_size")}
-    # ZeRO-3 keeps parameters under 1e5 elements whole on every rank by default; 0 shards them all, as fsdp2 does
+    # buckets like ours (ZeRO-3's 5e8-element default buffer is ~40 bytes/param here); persistence threshold 0:
+    # ZeRO-3 shards every parameter, as fsdp2 does (by default those under 1e5 elements stay whole on every rank)
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0,
+            **dict.fromkeys(("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"),
+                            DEEPSPEED_BUCKET_ELEMENTS)}
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0, **buckets},
-              "steps_per_print": 10**9}
+              "zero_optimization": zero, "steps_per_print": 10**9}
     if fp8:  # our FP8 GEMMs and Fp8AdamW as DeepSpeed's client optimizer (it keeps its own fp32 partitions)
         from fp8train import convert_to_fp8
         from fp8train.optim import Fp8AdamW
@@ -361,8 +349,8 @@ def _targets(method: str, n: int, bucket_per_param: float,
                               "ZeRO-2" + FP8_WEIGHTS: 1 + 5 / n, FSDP2: 8 / n, "deepspeed-3": 16 / n}[method]
     if method == "ZeRO-2" + FP8_WEIGHTS and n == 4:
         between = 3.25  # the issue's target (MS-AMP O3: FP8 weights 1 + FP8 grads 1 + 5/N), no slack
-    if method == "deepspeed-3":  # + its contiguous gradient buffer, allocated at initialize: DEEPSPEED_BUCKET_ELEMENTS
-        between += bucket_per_param * 2 / 4  # bf16 elements where our bucket holds as many fp32 ones
+    if method == "deepspeed-3":  # + its gradient buffer: DEEPSPEED_BUCKET_ELEMENTS in bf16, half our fp32 bucket
+        between += bucket_per_param / 2
     if method == FSDP2:  # issue 17's: (FP8 weight 1 + master 2 + m 1 + v 2 + grad 2) / N, plus one block gathered
         return between, between + block_per_param
     peak = between + bucket_per_param if method.startswith("ZeRO") else None

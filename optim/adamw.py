@@ -236,8 +236,7 @@ class Fp8AdamW(torch.optim.Optimizer):
 
     def _buckets_with_params(self, group: dict[str, Any], grad_amax: Mapping[torch.Tensor, Any] | None = None,
                              grad_scale: float = 1.0) -> list[tuple[Bucket, list[torch.Tensor]]]:
-        """The group's buckets, each with its parameters (the bucket holds their outputs: an FP8 primary
-        weight's is the gradient buffer it is written into)."""
+        """The group's buckets, each with its parameters (a bucket holds their outputs, ``weight_output``)."""
         members: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         positions = None
         for p in group["params"]:
@@ -276,18 +275,13 @@ class Fp8AdamW(torch.optim.Optimizer):
         L2 norm (0-d fp32; non-finite if a gradient is) from one read of each gradient, which writes nothing;
         the next step scales each gradient by min(1, max_norm / (norm + 1e-6)) as it reads it. A gradient
         changed in between makes that step raise RuntimeError; ``zero_grad`` drops the pending clip.
-
-        max_norm:     > 0; math.inf measures the norm without clipping.
-        reduce_sumsq: the total sum of squares from a (P,) float64 vector of this optimizer's per-parameter
-                      sums (in ``param_groups`` order, 0 for parameters without a gradient), e.g. an
-                      all_reduce over ranks that own different parameters; default: its sum. Shards of
-                      DTensor parameters are all-reduced over their mesh first."""
+        max_norm > 0 (math.inf: measure only). reduce_sumsq: the total from the (P,) float64 per-parameter sums
+        of squares (``param_groups`` order, 0 without a gradient; DTensor shards already summed over their
+        mesh), e.g. an all_reduce over ranks owning different parameters; default: their sum."""
         if isinstance(max_norm, bool) or not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"{_OWNER}.clip_grad_norm_: max_norm={max_norm!r} is not allowed; allowed: a number > 0")
-        params = self._all_params()
-        sumsq = torch.zeros(len(params), dtype=torch.float64)
-        grad_amax: dict[torch.Tensor, torch.Tensor] = {}
-        index = {id(p): i for i, p in enumerate(params)}
+        params, grad_amax = self._all_params(), {}
+        sumsq, index = torch.zeros(len(params), dtype=torch.float64), {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
             for bucket, members in self._buckets_with_params(group):
                 amax, sq = bucket.grad_amax_and_sumsq()
@@ -296,12 +290,12 @@ class Fp8AdamW(torch.optim.Optimizer):
         sync_sum_(sumsq, shard_group(params), params[0].device if params else None)
         total = reduce_sumsq(sumsq) if reduce_sumsq is not None else sumsq.sum()
         norm = total.to(torch.float64).sqrt().to(torch.float32)
-        finite = bool(torch.isfinite(norm))
+        finite = bool(torch.isfinite(norm))  # else nothing pends: the step's own check skips such a step
         self._pending_clip = PendingClip.measured(clip_coefficient(norm, max_norm), grad_amax) if finite else None
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._pending_clip = None
+        self._pending_clip = None  # its gradients are gone
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -394,7 +388,8 @@ class Fp8AdamW(torch.optim.Optimizer):
                                   weight_decay=group.get("weight_decay"), maximize=group.get("maximize"))
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        states = {p: loaded_state(_OWNER, state_dict["state"][saved_id], p, self._formats, parameter_key(self._seed, position))
+        states = {p: loaded_state(_OWNER, state_dict["state"][saved_id], p, self._formats,
+                                  parameter_key(self._seed, position))
                   for position, (saved_id, p) in enumerate(zip(saved_ids, params)) if saved_id in state_dict["state"]}
         # nothing has changed so far; torch restores the groups (hyperparameters), then the states go in
         super().load_state_dict({**state_dict, "state": {}})

@@ -345,8 +345,8 @@ class ZeroOptimizer:
                 raise RuntimeError(f"ZeroOptimizer.step: parameter(s) without a gradient on rank(s) {ranks}")
             return self._skip(comm)
         if self.config.max_grad_norm is not None:
-            self.last_grad_norm = clip_owned_grads_(self.params, self._owned, self.config.max_grad_norm, self.group,
-                                                    self.optimizer)
+            self.last_grad_norm = clip_owned_grads_(self.params, self._owned, self.config.max_grad_norm,
+                                                    self.group, self.optimizer)
             if not bool(torch.isfinite(self.last_grad_norm)):  # the same norm, so the same verdict, everywhere
                 return self._skip(comm)
         self.last_step_skipped = False
@@ -356,9 +356,8 @@ class ZeroOptimizer:
         return ZeroStepResult(skipped=False, grad_norm=self.last_grad_norm, comm=comm, weight_bytes_sent=weight_bytes)
 
     def _inner_step_kwargs(self, comm: CommStats) -> dict[str, Any]:
-        """``Fp8AdamW``: the sync's upper bounds of the owned gradients' amax (``CommStats.grad_amax``), so
-        that its step reads each gradient once. With clipping the step has the exact amaxes from
-        ``clip_owned_grads_`` instead, which take precedence (``Fp8AdamW.clip_grad_norm_``)."""
+        """``Fp8AdamW``: the sync's upper bounds of the owned gradients' amax (``CommStats.grad_amax``), so that
+        its step reads each gradient once; a clip's exact amaxes (``clip_owned_grads_``) take precedence."""
         if not isinstance(self.optimizer, Fp8AdamW):
             return {}
         bound = comm.grad_amax_by_name()
