@@ -48,6 +48,7 @@ from fp8train.formats import E4M3
 from fp8train.linear import Fp8Linear
 from fp8train.scaling import amax_to_log2_scale
 from fp8train.tensor import expand_block_scales
+from fp8train.weight_tensor import Fp8WeightTensor
 
 __all__ = ["Fp8AllGather", "Fp8FsdpComm", "Fp8ReduceScatter", "WeightGatherScales", "group_segments",
            "register_fp8_fsdp_comm"]
@@ -221,7 +222,9 @@ class Fp8AllGather(_Alloc):
                  async_op: bool = False) -> None:
         world, rank = group.size(), group.rank()
         n, item = input_tensor.numel(), input_tensor.element_size()
-        fp8 = [p in self.scales.log2_scale for p in self.params] if sum(self.numels) == n else []
+        # FSDP2 packs a group of mixed dtypes (FP8 primary weights' codes beside bf16 norms) as uint8 bytes
+        laid_out = sum(self.numels) == n and input_tensor.dtype != torch.uint8
+        fp8 = [p in self.scales.log2_scale for p in self.params] if laid_out else []
         numels = self.numels if fp8 else [n]
         fp8 = fp8 or [False]
         wire = [m if q else m * item for m, q in zip(numels, fp8)]  # bytes of each piece in a rank's slot
@@ -275,10 +278,12 @@ def register_fp8_fsdp_comm(model: nn.Module, world_size: int, *, grad_config: Fp
                            ) -> tuple[Fp8FsdpComm, WeightGatherScales | None]:
     """Install the FP8 collectives on every FSDP module of ``model`` (after ``fully_shard``):
     gradients reduce-scattered in FP8 when ``grad_config`` is given, ``Fp8Linear`` weights all-gathered in
-    FP8 when ``fp8_weight_gather``. Returns the stats sink and the gather scales (refreshed here once; the
+    FP8 when ``fp8_weight_gather`` (an FP8 primary weight, ``Fp8WeightTensor``, is already FP8: its bytes
+    travel as they are, and are counted). Returns the stats sink and the gather scales (refreshed here once; the
     caller refreshes them after every optimizer step)."""
     sink = Fp8FsdpComm()
-    layers = {m.weight: m for m in model.modules() if isinstance(m, Fp8Linear)} if fp8_weight_gather else {}
+    layers = {m.weight: m for m in model.modules() if isinstance(m, Fp8Linear)
+              and not isinstance(_local(m.weight), Fp8WeightTensor)} if fp8_weight_gather else {}
     scales = WeightGatherScales(layers, group) if fp8_weight_gather else None
     names = {id(p): name for name, p in model.named_parameters()}
     for module in model.modules():

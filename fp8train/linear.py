@@ -53,6 +53,7 @@ from fp8train.gemm import fp8_mm
 from fp8train.linear_blocks import blocks_linear_forward
 from fp8train.scaling_state import ScalingState
 from fp8train.tensor import Fp8Tensor
+from fp8train.weight_tensor import Fp8WeightTensor
 
 __all__ = ["Fp8Linear"]
 
@@ -186,6 +187,8 @@ class Fp8Linear(nn.Linear):
             x_fp8 = self.input_scaling.quantize(x.reshape(-1, x.shape[-1]), transposed=transposed)   # (M, in)
             if self.fp8_weight:  # stored codes: no cast (the transposed layout is a 1-byte copy)
                 w_fp8 = self.stored_fp8_weight(transposed=transposed)
+            elif isinstance(weight, Fp8WeightTensor):  # FSDP2's gathered FP8 primary weight: no cast either
+                w_fp8 = weight.as_fp8(transposed=transposed)
             else:
                 w_fp8 = self.weight_scaling.quantize(weight, transposed=transposed)                   # (out, in)
             return _Fp8LinearFn.apply(x, weight, self.bias, x_fp8, w_fp8, self, out_dtype,
@@ -282,6 +285,11 @@ class Fp8Linear(nn.Linear):
     def holds_high_precision_weight(self) -> bool:
         """Whether ``weight`` still has its own values (before ``release_high_precision_``)."""
         return self.weight.stride() != (0,) * self.weight.dim() or self.weight.numel() <= 1
+
+    @property
+    def high_precision_weight(self) -> torch.Tensor:
+        """``weight``, while it holds values (``holds_high_precision_weight``): where a master starts."""
+        return self.weight
 
     @torch.no_grad()
     def release_high_precision_(self) -> None:

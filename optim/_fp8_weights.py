@@ -31,6 +31,9 @@ class Fp8WeightSink(Protocol):
     @property
     def holds_high_precision_weight(self) -> bool: ...
 
+    @property
+    def high_precision_weight(self) -> torch.Tensor: ...
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
     def release_high_precision_(self) -> None: ...
@@ -59,9 +62,12 @@ def checked_fp8_weights(owner: str, fp8_weights: Mapping[torch.Tensor, Fp8Weight
 
 
 def initial_weight(p: torch.Tensor, sink: Fp8WeightSink | None) -> torch.Tensor:
-    """The value a master starts from: the parameter's, unless its layer has released it."""
-    if sink is None or sink.holds_high_precision_weight:
+    """The value a master starts from: the parameter's, or the sink's high-precision weight while it holds
+    one (a sharded sink: this rank's shard of it), else the stored FP8 weight."""
+    if sink is None:
         return p.detach()
+    if sink.holds_high_precision_weight:
+        return sink.high_precision_weight.detach()
     return sink.dequantized_weight(torch.float32)
 
 
@@ -74,9 +80,17 @@ def weight_output(p: torch.Tensor, sink: Fp8WeightSink | None) -> torch.Tensor:
 def write_fp8_weights_(stepped: Iterable[torch.Tensor], sinks: Mapping[torch.Tensor, Fp8WeightSink]) -> None:
     """After a step that was taken: each FP8 primary weight's layer casts its new value (written into
     the gradient buffer by the step), then the buffer is freed (``grad = None``): it no longer holds a
-    gradient, and the weight all-gather that follows under ZeRO then runs without it."""
+    gradient, and the weight all-gather that follows under ZeRO then runs without it. A sink with a
+    ``commit_group`` (a sharded weight, whose scale its mesh agrees on: comm/fsdp_fp8_weights.py) only
+    takes the value; its group's ``commit_()`` casts all of them at once, after the last."""
+    groups = {}
     for p in stepped:
         sink = sinks.get(p)
         if sink is not None:
             sink.set_weight_(p.grad)
             p.grad = None
+            group = getattr(sink, "commit_group", None)
+            if group is not None:
+                groups[id(group)] = group
+    for group in groups.values():
+        group.commit_()

@@ -237,9 +237,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         strategy = self.strategy
-        if self.precision.fp8_weights and strategy in ("ddp", "fsdp2", "deepspeed"):
-            raise ValueError(f"precision={self.precision.name} (fp8_weights) needs parallel zero1 or zero2 (got "
-                             f"{strategy}): FP8 weights are gathered by ZeRO owners; allowed parallel: auto, zero1, zero2")
+        if self.precision.fp8_weights and strategy in ("ddp", "deepspeed"):
+            raise ValueError(f"precision={self.precision.name} (fp8_weights) needs parallel zero1, zero2 or fsdp2 (got "
+                             f"{strategy}): FP8 weights are gathered by ZeRO owners or FSDP2; allowed parallel: auto, "
+                             "zero1, zero2, fsdp2")
+        if self.precision.fp8_weights and strategy == "fsdp2":
+            fp8 = self.precision.fp8
+            if fp8.granularity != "tensor" or fp8.recipe != "current":
+                raise ValueError(f"precision.fp8.granularity={fp8.granularity!r} / recipe={fp8.recipe!r} with "
+                                 "fp8_weights and parallel=fsdp2: its shards agree on one scale per tensor from the "
+                                 "whole tensor's amax; allowed: granularity=tensor with recipe=current")
         if strategy == "deepspeed" and self.precision.grad_comm != "native":
             raise ValueError(f"parallel=deepspeed synchronises gradients with DeepSpeed's own collectives; "
                              f"precision.grad_comm={self.precision.grad_comm!r} is not allowed with it; allowed: native")

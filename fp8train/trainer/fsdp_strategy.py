@@ -2,8 +2,10 @@
 mesh: weights, gradients and optimizer state sharded (ZeRO-3). With ``precision.grad_comm="fp8"`` FSDP2's own
 collectives carry FP8 through its public custom-comm hooks (fp8train/comm/fsdp.py): gradients
 reduce-scattered in FP8 with one synced scale per parameter, ``Fp8Linear`` weights all-gathered as E4M3
-codes with scales agreed once per step. ``Fp8AdamW`` steps the DTensor shards with whole-tensor scales
-(optim/_sharded.py). Checkpoints go through torch.distributed.checkpoint: they reshard at any world size.
+codes with scales agreed once per step. With ``precision.fp8_weights`` (fp8_o3) those weights are FP8 primary
+weights: each shard stores 1 byte per element and FSDP2 gathers those bytes (fp8train/comm/fsdp_fp8_weights.py).
+``Fp8AdamW`` steps the DTensor shards with whole-tensor scales (optim/_sharded.py). Checkpoints go through
+torch.distributed.checkpoint: they reshard at any world size.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from fp8train.comm import CommStats
 from fp8train.comm._agree import run_collectively
 from fp8train.comm.fsdp import register_fp8_fsdp_comm
+from fp8train.comm.fsdp_fp8_weights import Fp8ShardedWeights, to_fp8_weight_params_
 from fp8train.optim import Fp8AdamW
 from fp8train.trainer.build import build_optimizer
 from fp8train.trainer.compile import transformer_blocks
@@ -50,17 +53,22 @@ class FsdpStrategy:
         if not blocks:
             raise ValueError(f"parallel=fsdp2 shards per transformer block, and model.arch={cfg.model.arch!r} has no "
                              "nn.ModuleList of blocks; allowed: gpt, llama, hf (Llama-family)")
+        # FP8 primary weights (precision.fp8_weights): Fp8WeightTensor parameters, FSDP2 gathers their codes
+        shards = to_fp8_weight_params_(model, env.rank, env.world_size) if cfg.precision.fp8_weights else {}
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self.module = model
+        self.fp8_weights = Fp8ShardedWeights(shards, mesh.get_group()) if shards else None
         fp8 = cfg.precision.grad_comm == "fp8"
         self.comm, self.gather_scales = register_fp8_fsdp_comm(
-            model, env.world_size, grad_config=cfg.precision.comm if fp8 else None, fp8_weight_gather=fp8,
-            group=mesh.get_group()) if fp8 else (None, None)
+            model, env.world_size, grad_config=cfg.precision.comm if fp8 else None,
+            fp8_weight_gather=fp8, group=mesh.get_group()) if fp8 else (None, None)
         names = {p: name for name, p in model.named_parameters()}
+        sinks = self.fp8_weights.sinks() if self.fp8_weights is not None else None
         self.optimizer = run_collectively("FsdpStrategy: building the optimizer",
-                                          lambda: build_optimizer(model.parameters(), cfg, names=names),
+                                          lambda: build_optimizer(model.parameters(), cfg, names=names,
+                                                                  fp8_weights=sinks),
                                           device=env.device)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.max_grad_norm = cfg.optim.max_grad_norm
@@ -106,7 +114,8 @@ class FsdpStrategy:
         return StepOutcome(skipped=found_inf, grad_norm=norm, comm_bytes=self._bytes(stats, weight_bytes))
 
     def _bytes(self, stats: CommStats | None, weight_bytes: int) -> int:
-        """Bytes this rank sent: FP8 collectives as counted; native ones as FSDP2 moves them, a
+        """Bytes this rank sent: FP8 collectives as counted (FP8 primary weights: FSDP2 gathers their
+        codes, 1 byte per element, through the counting all-gather); native ones as FSDP2 moves them, a
         reduce-scatter of the gradients and two all-gathers of the weights (forward, backward)."""
         if stats is not None:
             return stats.bytes_sent + weight_bytes
@@ -128,6 +137,8 @@ class FsdpStrategy:
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(directory / _DCP_DIR))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.fp8_weights is not None:  # each shard was cast at its own amax: agree on the tensor's scale
+            self.fp8_weights.requantize_()
         if self.gather_scales is not None:
             self.gather_scales.refresh_()
 
