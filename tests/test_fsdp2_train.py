@@ -21,6 +21,7 @@ from fp8train.trainer.run_log import read_metrics
 from trainer_utils import assert_one_line_error, cli_env, metrics_without_timing, run_cli, tiny_strategy
 
 FP8_O2 = {"gemm": "fp8", "grad_comm": "fp8", "optimizer": "fp8_adamw"}
+FP8_O3 = {**FP8_O2, "fp8_weights": True}  # FP8 primary weights (fp8train/comm/fsdp_fp8_weights.py)
 STEPS = 20
 # FP8 collectives differ between the strategies (FSDP2: FP8 weight gather, no requantized mean), each a
 # few % per element; over 20 steps the loss curves stay within 1 % of each other (measured ~0.1-0.3 %)
@@ -31,10 +32,11 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
 
 
-def _train_worker(rank: int, world: int, parallel: str, poison_step: int | None) -> dict:
-    model, strategy = tiny_strategy(rank, world, FP8_O2, parallel={"strategy": parallel})
+def _train_worker(rank: int, world: int, parallel: str, poison_step: int | None, precision: dict = FP8_O2,
+                  steps: int = STEPS) -> dict:
+    model, strategy = tiny_strategy(rank, world, precision, parallel={"strategy": parallel})
     losses, outcomes, around_poison = [], [], {}
-    for step in range(STEPS):
+    for step in range(steps):
         x = torch.randint(256, (4, 16), generator=torch.Generator().manual_seed(100 * step + rank))
         poison = step == poison_step and rank == 1
         if step == poison_step:
@@ -50,7 +52,21 @@ def _train_worker(rank: int, world: int, parallel: str, poison_step: int | None)
             around_poison["state_after"] = strategy.local_optimizer.log2_scales()
         losses.append(float(loss.detach()))
     return {"losses": losses, "skipped": [o.skipped for o in outcomes], "params": [_full(p) for p in model.parameters()],
-            **around_poison}
+            "comm_bytes": [o.comm_bytes for o in outcomes], "storage": _weight_storage(model), **around_poison}
+
+
+def _weight_storage(model: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
+    """{name: (local tensor type, bytes of its codes or values, local elements)} of the Linear weights."""
+    from fp8train.weight_tensor import Fp8WeightTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        shard = p.to_local() if hasattr(p, "to_local") else p
+        if isinstance(shard, Fp8WeightTensor):
+            out[name] = ("fp8", shard.codes.numel() * shard.codes.element_size(), shard.numel())
+        elif name.endswith("c_fc.weight"):
+            out[name] = ("plain", shard.numel() * shard.element_size(), shard.numel())
+    return out
 
 
 @pytest.mark.reliability  # two 20-step runs on 2 ranks (~40 s): kept out of the default suite's time budget
@@ -73,6 +89,37 @@ def test_fsdp2_overflow_on_one_rank_skips_everywhere():
         assert all(torch.equal(a, b) for a, b in zip(res["before"], res["after"])), "weights untouched"
         for key, before in res["state_before"].items():
             assert torch.equal(before, res["state_after"][key]), key
+    assert all(torch.equal(a, b) for a, b in zip(out[0]["params"], out[1]["params"]))
+
+
+FP8_WEIGHT_STEPS = 8
+
+
+def test_fsdp2_fp8_primary_weights_train_as_high_precision_weights_do():
+    """fp8_o3 on fsdp2 stores each Fp8Linear shard as 1-byte codes and computes bit for bit what fp8_o2 on
+    fsdp2 computes (its weights are cast by the same current-recipe rule from the same master values)."""
+    o3 = run_workers(_train_worker, 2, "fsdp2", None, FP8_O3, FP8_WEIGHT_STEPS, timeout_s=240)
+    o2 = run_workers(_train_worker, 2, "fsdp2", None, FP8_O2, FP8_WEIGHT_STEPS, timeout_s=240)
+    for r in range(2):
+        assert o3[r]["losses"] == o2[r]["losses"], r
+        assert not any(o3[r]["skipped"])
+        fp8 = {n: v for n, v in o3[r]["storage"].items() if v[0] == "fp8"}
+        assert len(fp8) == 4, "c_attn, attn c_proj, c_fc, mlp c_proj"
+        for name, (_, nbytes, numel) in fp8.items():
+            assert nbytes == numel > 0, name  # 1 byte per element of this rank's shard
+        assert o2[r]["storage"]["h.0.mlp.c_fc.weight"][0] == "plain"
+        # the stored codes travel as the FP8 weight gather of fp8_o2 sends them: the same bytes
+        assert o3[r]["comm_bytes"] == o2[r]["comm_bytes"]
+    for a, b in zip(o3[0]["params"], o3[1]["params"]):
+        assert torch.equal(a, b), "every rank holds the same (gathered) weights"
+    assert o3[0]["losses"][-1] < o3[0]["losses"][0] - 0.3, "it trains"
+
+
+def test_fsdp2_fp8_primary_weights_skip_an_overflow_everywhere():
+    out = run_workers(_train_worker, 2, "fsdp2", 2, FP8_O3, 4, timeout_s=240)
+    for res in out:
+        assert res["skipped"] == [False, False, True, False]
+        assert all(torch.equal(a, b) for a, b in zip(res["before"], res["after"])), "weights untouched"
     assert all(torch.equal(a, b) for a, b in zip(out[0]["params"], out[1]["params"]))
 
 
@@ -124,9 +171,35 @@ def _killed_run(run_dir: Path, cache_dir: Path) -> None:
     assert "resumed from" in proc.stdout + proc.stderr
 
 
-def test_fsdp2_with_fp8_primary_weights_is_a_one_line_error(tmp_path):
+@pytest.mark.reliability
+def test_fsdp2_fp8_primary_weights_resume_at_another_world_size(tmp_path):
+    """fp8_o3 on fsdp2 through the CLI: the 2-rank checkpoint of step 10 (the weights as their exact
+    dequantized values) resumes on 2 ranks to the very metrics of the uninterrupted run (the codes and
+    scales come back exactly), and on 1 rank goes on from the same losses."""
     cache = tmp_path / "cache"
-    proc = run_cli(["experiment=smoke", "parallel=fsdp2", "precision=fp8_o3", f"hydra.run.dir={tmp_path / 'run'}",
-                    f"data.cache_dir={cache}"], tmp_path, cache)
-    assert_one_line_error(proc.returncode, proc.stderr, "needs parallel zero1 or zero2 (got fsdp2)")
+    baseline = tmp_path / "baseline" / "run"
+    baseline.parent.mkdir()
+    _cli(baseline, cache, "precision=fp8_o3", nproc=2)
+    same = tmp_path / "same" / "run"
+    (same / "checkpoints").mkdir(parents=True)
+    shutil.copytree(baseline / "checkpoints" / "step_00000010", same / "checkpoints" / "step_00000010")
+    _cli(same, cache, "precision=fp8_o3", nproc=2)
+    after_10 = [r for r in metrics_without_timing(baseline) if r.get("step", 0) > 10]
+    assert after_10 and metrics_without_timing(same) == after_10
+    resharded = tmp_path / "resharded" / "run"
+    (resharded / "checkpoints").mkdir(parents=True)
+    shutil.copytree(baseline / "checkpoints" / "step_00000010", resharded / "checkpoints" / "step_00000010")
+    _cli(resharded, cache, "precision=fp8_o3", nproc=1)
+    base = {r["step"]: r for r in read_metrics(baseline) if "train/loss" in r}
+    mine = {r["step"]: r for r in read_metrics(resharded) if "train/loss" in r}
+    assert min(mine) == 11, "training continued from step 10"
+    assert abs(mine[11]["train/loss"] - base[11]["train/loss"]) < 0.05 * base[11]["train/loss"]
+    assert mine[11]["train/loss"] < base[1]["train/loss"] - 0.3
+
+
+def test_fsdp2_fp8_primary_weights_with_block_scales_is_a_one_line_error(tmp_path):
+    cache = tmp_path / "cache"
+    proc = run_cli(["experiment=smoke", "parallel=fsdp2", "precision=fp8_o3", "precision.fp8.granularity=block",
+                    f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={cache}"], tmp_path, cache)
+    assert_one_line_error(proc.returncode, proc.stderr, "allowed: granularity=tensor with recipe=current")
     assert not (tmp_path / "run" / "checkpoints").exists()
