@@ -11,17 +11,13 @@ each system keeps, however it keeps it (DeepSpeed's flat fp32 partitions and buf
 without trusting anyone's own accounting. Reported: the largest rank's bytes / parameter.
 
 Peak (second column): the most bytes live at a sample point of the second step's backward and
-optimizer step, on the same footing (gc-visible storages plus every ``.grad``, less what the process
-held before the model existed). Sample points (``_PeakSampler``): after each gradient's accumulation
-(a post-accumulate-grad hook registered after the optimizer's own), before and after each
+optimizer step, on the same footing. Sample points (``_PeakSampler``): before and after each
 ``torch.distributed`` collective (a bucket's buffers are live then; wrapped in the worker process
 only), and at the end of the step. Activations are EXCLUDED: storages the forward created (saved
 tensors, logits, loss) are left out. Not seen: tensors only C++ holds (autograd's activation
 gradients in flight) and the optimizer's temporaries inside its step (no sample point there).
-"backward peak": the same over the samples up to the end of the backward (the gradient side alone);
-"peak at": where the largest rank's step peak was sampled.
-(A TorchDispatchMode allocation tracker would see every allocation, but it disables the
-torch.compile'd decode loop of fp8train/_decode_cpu.py, which then refuses to run.)
+"backward peak": the same up to the end of the backward; "peak at": where the largest rank's peak was.
+(A TorchDispatchMode tracker would see every allocation, but it disables fp8train/_decode_cpu.py's loop.)
 
   fp32 AdamW            fp32 weights and grads, torch AdamW (fp32 m, v)                    16 expected
   bf16-mixed AdamW      bf16 weights and grads, fp32 master, torch AdamW on the master     16 expected
@@ -35,10 +31,10 @@ torch.compile'd decode loop of fp8train/_decode_cpu.py, which then refuses to ru
   Fp8AdamW + FP8 weights as Fp8AdamW, the linear layers storing E4M3 weights (1 byte; fp8_o3's), the
                         master only in Fp8AdamW; the step frees those gradients: ~6 expected
                         (the embeddings, norms and biases, 0.6 % of the parameters, keep 9)
-  fsdp2 + FP8           ours, parallel=fsdp2 with fp8_o2's precision (Fp8Linear, FP8 reduce-scatter and
-                        FP8 weight all-gather, Fp8AdamW on the shards), bf16 weights: 9/N expected (weight
-                        2 + master 2 + m 1 + v 2 + grad 2); issue 17's target assumes FP8 primary weights
-                        (1 byte): 8/N, and one block's gathered weights more at the peak
+  fsdp2 + FP8           ours, parallel=fsdp2, fp8_o2 (FP8 reduce-scatter and weight gather, Fp8AdamW on shards):
+                        9/N expected (weight 2 + master 2 + m 1 + v 2 + grad 2), + one gathered block at the peak
+  fsdp2 + FP8 + FP8 weights  the same with fp8_o3's FP8 primary weights (1-byte Fp8WeightTensor shards):
+                        issue 17's target 8/N, + one FP8 block at the peak
   DeepSpeed ZeRO-3      bf16, torch AdamW object: all sharded, 16/N expected (weights 2, fp32 master + m + v 12,
                         its bf16 gradient partition 2, held after step()) + its gradient buffer, one bucket
                         allocated at initialize (the 5e8-element default read 43-47 bytes/param). No peak: the
@@ -49,16 +45,12 @@ torch.compile'd decode loop of fp8train/_decode_cpu.py, which then refuses to ru
                         backward ends holding every gradient (peak ~ 2 + 2 + 5/N + temporaries); the default
                         frees non-owned gradients bucket by bucket (backward peak ~ between-steps + 2 buckets)
 
-ZeRO rows are measured with no whole-model temporary alive: their weight all-gather goes in buckets of
-at most ``ZERO_BUCKET_BYTES`` per rank, each bucket's storage released before the next and before ``step``
-returns, even if gloo still references the finished collective. (One whole-model all-gather whose buffer
-was merely dropped was sometimes still alive when counted: ZeRO-1 at N = 4 read 7.27, then 5.27.)
+ZeRO's weight all-gather goes in buckets of at most ``ZERO_BUCKET_BYTES`` per rank, each released before
+the next and before ``step`` returns (a merely dropped whole-model buffer was sometimes still counted).
 
-DeepSpeed runs on CPU over gloo with a torch optimizer object (no C++ Adam) and its shared-memory comm op
-marked incompatible, so nothing is compiled (that build takes minutes here). Targets: each row's expected
-bytes/param between steps (above) and, for our ZeRO rows, a peak of that plus one gradient bucket. The
-issue's: ZeRO-2 with FP8 weights at N=4 <= 3.25 between steps (MS-AMP O3: FP8 weights 1 + FP8 grads 1 +
-5/N) and <= 3.25 + one bucket at the peak.
+DeepSpeed runs with a torch optimizer object and its shm comm op marked incompatible: nothing is compiled.
+Targets: each row's expected bytes/param between steps (above); our ZeRO rows' peak: that + one bucket.
+ZeRO-2 with FP8 weights at N=4: <= 3.25 between steps (MS-AMP O3: FP8 weights 1 + FP8 grads 1 + 5/N).
 """
 
 from __future__ import annotations
@@ -89,10 +81,11 @@ FP8_WEIGHTS = " + FP8 weights"  # a configuration named so has FP8 primary weigh
 FSDP2 = "fsdp2 + FP8"
 
 
-def _block_bytes() -> int:
-    """One transformer block's weights, gathered in bf16 (FSDP2 holds about one block unsharded)."""
+def _block_bytes(fp8_weights: bool) -> int:
+    """One transformer block's weights as FSDP2 gathers them (it holds about one block unsharded): bf16,
+    the linear weights' 12 d^2 in 1 byte with FP8 primary weights."""
     d = MODEL["n_embd"]
-    return 2 * (12 * d * d + 13 * d)  # attention 4 d^2 + 4 d, MLP 8 d^2 + 5 d, two layer norms 4 d
+    return (1 if fp8_weights else 2) * 12 * d * d + 2 * 13 * d  # attention 4 d^2 + 4 d, MLP 8 d^2 + 5 d, norms 4 d
 
 
 def _live_storages() -> dict[int, torch.UntypedStorage]:
@@ -222,8 +215,8 @@ def _optimizer(method: str, model: torch.nn.Module):
         return torch.optim.AdamW(master), master, nullcontext
     if method.startswith("Fp8AdamW"):
         return Fp8AdamW(params, fp8_weights=by_param), None, nullcontext
-    if method == FSDP2:
-        return _fsdp2(model), None, nullcontext
+    if method.startswith(FSDP2):
+        return _fsdp2(model, fp8_weights=bool(layers)), None, nullcontext
     # "ZeRO-1", "ZeRO-2" (reduce-scatter from the backward), "ZeRO-2 in step", "ZeRO-2 + FP8 weights"
     config = ZeroConfig(stage=int(method[5]), comm=Fp8CommConfig(bucket_bytes=ZERO_BUCKET_BYTES),
                         overlap_grad_reduce=not method.endswith("in step"))
@@ -233,24 +226,29 @@ def _optimizer(method: str, model: torch.nn.Module):
     return zero, None, zero.last_micro_step
 
 
-def _fsdp2(model: torch.nn.Module) -> torch.optim.Optimizer:
+def _fsdp2(model: torch.nn.Module, fp8_weights: bool) -> torch.optim.Optimizer:
     """parallel=fsdp2 with fp8_o2's precision: Fp8Linear layers, fully_shard per block and the root, FP8
-    gradient reduce-scatter and FP8 weight all-gather (fp8train/comm/fsdp.py), Fp8AdamW on the shards."""
+    gradient reduce-scatter and FP8 weight all-gather (fp8train/comm/fsdp.py), Fp8AdamW on the shards;
+    ``fp8_weights`` (layers converted by the caller): fp8_o3's, FP8 primary weights as FSDP2 shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from fp8train import convert_to_fp8
     from fp8train.comm import Fp8CommConfig
     from fp8train.comm.fsdp import register_fp8_fsdp_comm
+    from fp8train.comm.fsdp_fp8_weights import Fp8ShardedWeights, to_fp8_weight_params_
     from fp8train.optim import Fp8AdamW
 
-    convert_to_fp8(model)
+    if not fp8_weights:
+        convert_to_fp8(model)
+    shards = to_fp8_weight_params_(model, dist.get_rank(), dist.get_world_size())
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for block in model.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     register_fp8_fsdp_comm(model, dist.get_world_size(), grad_config=Fp8CommConfig(), fp8_weight_gather=True)
-    return Fp8AdamW(model.parameters())
+    sinks = Fp8ShardedWeights(shards, mesh.get_group()).sinks() if shards else None
+    return Fp8AdamW(model.parameters(), fp8_weights=sinks)
 
 
 def _worker(rank: int, world_size: int, method: str) -> tuple[int, int, int, int, str]:
@@ -346,12 +344,13 @@ def _targets(method: str, n: int, bucket_per_param: float,
     between = TARGET_SLACK + {"fp32 AdamW": 16.0, "bf16-mixed AdamW": 16.0, "Fp8AdamW": 9.0, "ZeRO-1": 4 + 5 / n,
                               "ZeRO-2": 2 + 7 / n, "ZeRO-2 in step": 2 + 7 / n, "deepspeed-1": 2 + 12 / n,
                               "deepspeed-2": 2 + 12 / n, "Fp8AdamW" + FP8_WEIGHTS: 6.0,
-                              "ZeRO-2" + FP8_WEIGHTS: 1 + 5 / n, FSDP2: 8 / n, "deepspeed-3": 16 / n}[method]
+                              "ZeRO-2" + FP8_WEIGHTS: 1 + 5 / n, FSDP2: 9 / n, FSDP2 + FP8_WEIGHTS: 8 / n,
+                              "deepspeed-3": 16 / n}[method]
     if method == "ZeRO-2" + FP8_WEIGHTS and n == 4:
         between = 3.25  # the issue's target (MS-AMP O3: FP8 weights 1 + FP8 grads 1 + 5/N), no slack
     if method == "deepspeed-3":  # + its gradient buffer: DEEPSPEED_BUCKET_ELEMENTS in bf16, half our fp32 bucket
         between += bucket_per_param / 2
-    if method == FSDP2:  # issue 17's: (FP8 weight 1 + master 2 + m 1 + v 2 + grad 2) / N, plus one block gathered
+    if method.startswith(FSDP2):  # issue 17's with FP8 weights: (1 + master 2 + m 1 + v 2 + grad 2) / N, + a block
         return between, between + block_per_param
     peak = between + bucket_per_param if method.startswith("ZeRO") else None
     return between, peak
@@ -367,13 +366,13 @@ def main() -> None:
     runs = [(m, m, 1) for m in ("fp32 AdamW", "bf16-mixed AdamW", "Fp8AdamW", "Fp8AdamW" + FP8_WEIGHTS)]
     runs += [(f"{m} (ours)", m, n) for m in ("ZeRO-1", "ZeRO-2", "ZeRO-2 in step", "ZeRO-2" + FP8_WEIGHTS)
              for n in worlds]
-    runs += [(f"{FSDP2} (ours)", FSDP2, n) for n in worlds]
+    runs += [(f"{m} (ours)", m, n) for m in (FSDP2, FSDP2 + FP8_WEIGHTS) for n in worlds]
     if not args.no_deepspeed:
         runs += [(f"DeepSpeed ZeRO-{s} bf16", f"deepspeed-{s}", n) for s in (1, 2, 3) for n in worlds]
         runs += [("DeepSpeed ZeRO-3 + FP8", "deepspeed-3-fp8", n) for n in worlds]
     if args.only:
         runs = [r for r in runs if any(key in r[0] for key in args.only.split(","))]
-    print(f"{'configuration':<30} | {'N':>2} | {'bytes/param between steps':>25} | {'peak in step':>12} | "
+    print(f"{'configuration':<34} | {'N':>2} | {'bytes/param between steps':>25} | {'peak in step':>12} | "
           f"{'peak at (max rank)':<26} | {'backward peak':>13} | {'vs fp32 AdamW':>13} | {'target between':<18} | "
           "target peak")
     base = None
@@ -383,12 +382,13 @@ def main() -> None:
         between, peak, backward_peak = (max(r[k] for r in results) / n_params for k in (0, 1, 2))
         peak_at = max(results, key=lambda r: r[1])[4]
         base = base or between
-        target_between, target_peak = _targets(method, n, ZERO_BUCKET_BYTES / n_params, _block_bytes() / n_params)
+        target_between, target_peak = _targets(method, n, ZERO_BUCKET_BYTES / n_params,
+                                               _block_bytes(method.endswith(FP8_WEIGHTS)) / n_params)
         # ZeRO-3's peak is not seen by the sampler (module docstring), so none is claimed for it
         trusted = not method.startswith("deepspeed-3")
         peaks = (f"{peak:12.2f} | {peak_at:<26} | {backward_peak:13.2f}" if trusted
                  else f"{'-':>12} | {'(not measured)':<26} | {'-':>13}")
-        print(f"{name:<30} | {n:>2} | {between:25.2f} | {peaks} | {between / base:12.2f}x | "
+        print(f"{name:<34} | {n:>2} | {between:25.2f} | {peaks} | {between / base:12.2f}x | "
               f"{verdict(between, target_between, at_most=True):<18} | {verdict(peak, target_peak, at_most=True)}",
               flush=True)
     print(f"\nOne gradient bucket: {ZERO_BUCKET_BYTES / n_params:.2f} bytes/param. Issue's target: ZeRO-2 + FP8 "
