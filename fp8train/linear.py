@@ -53,7 +53,7 @@ from fp8train.gemm import fp8_mm
 from fp8train.linear_blocks import blocks_linear_forward
 from fp8train.scaling_state import ScalingState
 from fp8train.tensor import Fp8Tensor
-from fp8train.weight_tensor import Fp8WeightTensor
+from fp8train.weight_tensor import Fp8WeightTensor, fp8_operand
 
 __all__ = ["Fp8Linear"]
 
@@ -188,7 +188,7 @@ class Fp8Linear(nn.Linear):
             if self.fp8_weight:  # stored codes: no cast (the transposed layout is a 1-byte copy)
                 w_fp8 = self.stored_fp8_weight(transposed=transposed)
             elif isinstance(weight, Fp8WeightTensor):  # FSDP2's gathered FP8 primary weight: no cast either
-                w_fp8 = weight.as_fp8(transposed=transposed)
+                w_fp8 = fp8_operand(weight, transposed=transposed)
             else:
                 w_fp8 = self.weight_scaling.quantize(weight, transposed=transposed)                   # (out, in)
             return _Fp8LinearFn.apply(x, weight, self.bias, x_fp8, w_fp8, self, out_dtype,

@@ -10,7 +10,7 @@ parameter group), so the parameter reports the model's dtype and keeps the codes
   - the sharded parameter (FSDP2's DTensor) holds 1 byte per element of its shard;
   - the all-gather sends those bytes (``fsdp_pre_all_gather``: the codes as uint8, the scale_inv as
     metadata: every shard of a tensor is stored at the same, mesh-agreed scale) and the gathered weight
-    is again an ``Fp8WeightTensor``, whose codes ``Fp8Linear`` multiplies without a cast (``as_fp8``);
+    is again an ``Fp8WeightTensor``, whose codes ``Fp8Linear`` multiplies without a cast (``fp8_operand``);
   - its gradient is a plain tensor of the reported dtype (autograd and FSDP2's reduce-scatter see a
     bf16 / fp32 parameter); the optimizer writes the new weight through fp8train/comm/fsdp_fp8_weights.py.
 
@@ -41,7 +41,7 @@ from fp8train.formats import E4M3
 from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
 from fp8train.tensor import Fp8Tensor
 
-__all__ = ["Fp8WeightTensor"]
+__all__ = ["Fp8WeightTensor", "fp8_operand"]
 
 aten = torch.ops.aten
 
@@ -62,6 +62,8 @@ class Fp8WeightTensor(torch.Tensor):
 
     _codes: torch.Tensor
     _scale_inv: torch.Tensor
+    # every operator goes to __torch_dispatch__; nothing is rewrapped at the Python level
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
     def __new__(cls, codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> Fp8WeightTensor:
@@ -83,9 +85,8 @@ class Fp8WeightTensor(torch.Tensor):
         scale = torch.exp2(log2_scale.to(torch.float32))
         return cls(cast_to_fp8(weight.detach(), scale, E4M3), (1.0 / scale).reshape(()), weight.dtype)
 
-    def __repr__(self) -> str:  # no values: printing them would dequantize the whole tensor
-        return (f"Fp8WeightTensor(shape={tuple(self.shape)}, dtype={self.dtype}, "
-                f"scale_inv={float(self._scale_inv)})")
+    def __repr__(self) -> str:  # no values: they may be fake (torch.compile logs reprs while tracing)
+        return f"Fp8WeightTensor(shape={tuple(self.shape)}, dtype={self.dtype}, codes={self._codes.dtype})"
 
     # ---- what the project reads ------------------------------------------------------------------
 
@@ -100,14 +101,6 @@ class Fp8WeightTensor(torch.Tensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """code * scale_inv in fp32 (exact), rounded once to ``dtype`` (default: the reported dtype)."""
         return (self._codes.to(torch.float32) * self._scale_inv).to(dtype or self.dtype)
-
-    def as_fp8(self, *, transposed: bool = False) -> Fp8Tensor:
-        """The GEMM operand, no copy of the codes (``transposed``: plus a transposed copy, for
-        ``torch._scaled_mm``). scale_inv is a copy: FSDP2 refreshes it in place at the next gather,
-        and a backward must see the value its forward used."""
-        codes = self._codes
-        return Fp8Tensor(data=codes, scale_inv=self._scale_inv.clone(), orig_dtype=self.dtype,
-                         data_t=codes.t().contiguous() if transposed else None)
 
     @torch.no_grad()
     def store_(self, values: torch.Tensor, log2_scale: torch.Tensor) -> None:
@@ -149,7 +142,10 @@ class Fp8WeightTensor(torch.Tensor):
         rows with ``as_strided``). Later gathers refill the same bytes and copy the scale into ``out``."""
         (data,) = all_gather_outputs
         if out is not None:
-            out._scale_inv.copy_(metadata)
+            # refilled in place, as FSDP2 refills the codes: a compiled backward may have saved this very
+            # tensor (its forward's value, which the re-gather restores), so the version counter stays
+            with torch.autograd._unsafe_preserve_version_counter(out._scale_inv):
+                out._scale_inv.copy_(metadata)
             return None
         return Fp8WeightTensor(data.view(E4M3.dtype), metadata.clone(), param_dtype), (data,)
 
@@ -188,6 +184,16 @@ class Fp8WeightTensor(torch.Tensor):
                                       "write a dequantized temporary); write a new weight with store_")
         plain = tree_map(lambda t: t.dequantize() if isinstance(t, Fp8WeightTensor) else t, (args, kwargs))
         return func(*plain[0], **plain[1])
+
+
+def fp8_operand(weight: Fp8WeightTensor, *, transposed: bool = False) -> Fp8Tensor:
+    """``weight`` as a GEMM operand, no copy of the codes (``transposed``: plus a transposed copy, for
+    ``torch._scaled_mm``). scale_inv is a copy: FSDP2 refreshes it in place at the next gather, and a
+    backward must see the value its forward used. A function, not a method: torch.compile traces a
+    tensor method returning a non-tensor as one opaque call, which it cannot."""
+    codes = weight._codes
+    return Fp8Tensor(data=codes, scale_inv=weight._scale_inv.clone(), orig_dtype=weight.dtype,
+                     data_t=codes.t().contiguous() if transposed else None)
 
 
 @torch.no_grad()

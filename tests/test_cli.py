@@ -23,7 +23,7 @@ CASES = [
      "unknown config key 'precision.fp8.recipee'; allowed keys under precision.fp8: recipe,"),
     ("wrong_type", ["train.steps=abc"], {}, "train.steps='abc' has the wrong type; expected integer"),
     ("bad_choice_value", ["precision.fp8.recipe=magic"], {}, "Fp8Config.recipe='magic' is not allowed"),
-    ("bad_combination", ["precision=fp8_o3", "parallel=ddp"], {}, "needs parallel zero1 or zero2"),
+    ("bad_combination", ["precision=fp8_o3", "parallel=ddp"], {}, "needs parallel zero1, zero2 or fsdp2"),
     ("zero_without_fp8_comm", ["precision=fp32", "parallel=zero2"], {}, "needs precision.grad_comm='fp8'"),
     ("data_path_required", ["data=custom"], {}, "data.path"),
     ("data_path_missing", ["data=custom", "data.path=nope.txt"], {}, "data.path='nope.txt' does not exist"),

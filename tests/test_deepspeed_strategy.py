@@ -224,7 +224,7 @@ def test_checkpoint_resumes_bit_for_bit_and_refuses_another_world_size(resume_ru
 CONFIG_ERRORS = [  # (overrides, message): combinations DeepSpeed cannot run
     pytest.param(("precision=fp8_o2",), "precision.grad_comm='fp8' is not allowed with it; allowed: native",
                  id="fp8-grad-comm"),
-    pytest.param(("precision=fp8_o3",), "needs parallel zero1 or zero2 (got deepspeed)", id="fp8-weights"),
+    pytest.param(("precision=fp8_o3",), "needs parallel zero1, zero2 or fsdp2 (got deepspeed)", id="fp8-weights"),
 ]
 
 

@@ -142,3 +142,23 @@ def test_fp8_linear_with_an_fp8_weight_tensor_matches_its_dequantized_weight():
     assert type(fp8.weight.grad) is torch.Tensor and fp8.weight.grad.dtype == torch.float32
     assert torch.equal(fp8.weight.grad, ref.weight.grad)
     assert torch.equal(fp8.bias.grad, ref.bias.grad)
+
+
+def test_compiled_fp8_linear_reads_an_fp8_weight_tensor_as_eager_does():
+    """torch.compile traces through the subclass (``__tensor_flatten__``) and ``fp8_operand``: the same
+    output and gradients as eager, with no graph break (fullgraph)."""
+    from fp8train import Fp8Config
+    from fp8train.linear import Fp8Linear
+
+    torch.manual_seed(0)
+    layer = Fp8Linear(32, 16, bias=False, config=Fp8Config(backend="emulated"))
+    layer.weight = torch.nn.Parameter(_fp8(layer.weight.detach()))
+    x = torch.randn(4, 32)
+    y = layer(x)
+    y.square().sum().backward()
+    grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    y_compiled = torch.compile(layer, fullgraph=True)(x)
+    y_compiled.square().sum().backward()
+    assert torch.equal(y_compiled, y)
+    assert torch.equal(layer.weight.grad, grad)

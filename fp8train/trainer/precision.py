@@ -69,8 +69,9 @@ class PrecisionConfig:
                  ``optim_state``).
     fp8_weights: FP8 primary weights: every Fp8Linear stores its weight as E4M3 + a power-of-two
                  scale (1 byte per element), the high-precision master lives only in Fp8AdamW,
-                 which writes the FP8 weight after each step, and ZeRO owners all-gather those
-                 codes; needs parallel zero1/zero2 and fp8_adamw with a master.
+                 which writes the FP8 weight after each step, and ZeRO owners (or FSDP2, from
+                 1-byte shards) all-gather those codes; needs parallel zero1/zero2/fsdp2 and
+                 fp8_adamw with a master.
     fp8_converter: with gemm="fp8", what replaces the Linear layers: "native" (Fp8Linear, GEMMs on
                  ``fp8.backend``) | "te" (Transformer Engine's Linear, CUDA only; forward under its
                  fp8_autocast with the recipe made from ``fp8``; its scaling state is in the
