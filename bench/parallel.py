@@ -1,11 +1,12 @@
 """Trainer throughput by parallel strategy on N gloo processes: one table, every row in one run.
 
-    python bench/parallel.py                       # gpt_small, N = 2, ddp / zero2 / fsdp2 / deepspeed (~3 min)
+    python bench/parallel.py                       # gpt_small, N = 2, ddp / zero2 / fsdp2 (fp8_o2, fp8_o3) / deepspeed
     python bench/parallel.py --strategies ddp,fsdp2 --repeat 5
     python bench/parallel.py --dry-run             # gpt_tiny, tiny batches: checks every row
 
 Each row builds the model as the trainer does (``build_model``, ``apply_precision``, ``build_strategy``),
-precision fp8_o2 (deepspeed: with ``precision.grad_comm=native``, its own collectives), and times whole
+precision fp8_o2 unless the row names another after "+" (``fsdp2+fp8_o3``: FP8 primary weights; deepspeed:
+with ``precision.grad_comm=native``, its own collectives), and times whole
 optimizer steps on random tokens -- forward, backward, the strategy's step (sync, clip, update),
 ``zero_grad`` -- as the median of ``--repeat`` steps after ``--warmup``, on every rank (the slowest rank's
 median is the row's). tokens/s counts every rank's tokens. comm: bytes a rank sent per step, as the
@@ -32,18 +33,19 @@ from step import _config  # noqa: E402
 
 from fp8train.trainer.config import train_config_from_mapping, train_config_to_mapping  # noqa: E402
 
-STRATEGIES = ("ddp", "zero2", "fsdp2", "deepspeed")
+STRATEGIES = ("ddp", "zero2", "fsdp2", "fsdp2+fp8_o3", "deepspeed")
 
 
-def _worker(rank: int, world: int, strategy_name: str, args: dict) -> dict:
+def _worker(rank: int, world: int, row: str, args: dict) -> dict:
     from fp8train.trainer.build import build_model
     from fp8train.trainer.distributed import DistEnv
     from fp8train.trainer.precision import apply_precision
     from fp8train.trainer.strategy import build_strategy
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    base = train_config_to_mapping(_config(args["model"], "fp8_o2", device="cpu", micro_batch=args["micro_batch"],
-                                           seq=args["seq"]))
+    strategy_name, _, precision = row.partition("+")
+    base = train_config_to_mapping(_config(args["model"], precision or "fp8_o2", device="cpu",
+                                           micro_batch=args["micro_batch"], seq=args["seq"]))
     base["parallel"]["strategy"] = strategy_name
     if strategy_name == "deepspeed":
         base["precision"]["grad_comm"] = "native"
@@ -84,15 +86,15 @@ def main() -> None:
     work = dict(model=args.model, micro_batch=args.micro_batch, seq=args.seq, warmup=args.warmup, repeat=args.repeat)
     print(f"Trainer step, {args.model}, fp8_o2, {args.world} gloo processes on this CPU, "
           f"{args.micro_batch} x {args.seq} tokens per rank, median of {args.repeat} steps")
-    print(f"| {'parallel':<10} | {'step ms':>8} | {'tokens/s':>9} | {'vs first':>8} | {'comm MB/step/rank':>17} |")
-    print("|" + "|".join("-" * n for n in (12, 10, 11, 10, 19)) + "|")
+    print(f"| {'parallel':<12} | {'step ms':>8} | {'tokens/s':>9} | {'vs first':>8} | {'comm MB/step/rank':>17} |")
+    print("|" + "|".join("-" * n for n in (14, 10, 11, 10, 19)) + "|")
     base = None
     for name in args.strategies.split(","):
         results = run_on_gloo(_worker, args.world, name, work, timeout_s=1200, collective_timeout_s=600)
         seconds = max(r["seconds"] for r in results)
         tokens_per_s = args.world * args.micro_batch * args.seq / seconds
         base = base or tokens_per_s
-        print(f"| {name:<10} | {seconds * 1e3:8.1f} | {tokens_per_s:9.0f} | {tokens_per_s / base:7.2f}x | "
+        print(f"| {name:<12} | {seconds * 1e3:8.1f} | {tokens_per_s:9.0f} | {tokens_per_s / base:7.2f}x | "
               f"{max(r['comm'] for r in results) / 1e6:17.2f} |", flush=True)
 
 

@@ -1,9 +1,10 @@
 """``parallel=fsdp2`` in the trainer (fp8train/trainer/fsdp_strategy.py), 2 gloo ranks: fp8_o2 on FSDP2 (FP8
 reduce-scatter, FP8 weight all-gather, Fp8AdamW on shards) follows ddp's fp8_o2 loss curve within FP8
 tolerance from the same seed and data, keeps the ranks' weights identical, and skips a step whose
-gradient overflows on one rank on every rank, weights and optimizer state untouched. Through the CLI
-(reliability): a killed rank resumes to the same metrics as an uninterrupted run, and a checkpoint
-written by 2 ranks resumes on 1 (torch.distributed.checkpoint reshards)."""
+gradient overflows on one rank on every rank, weights and optimizer state untouched. fp8_o3 on FSDP2 (FP8
+primary weights as 1-byte shards) trains bit for bit as fp8_o2 on FSDP2 and skips overflows alike. Through
+the CLI (reliability): a killed rank resumes to the same metrics as an uninterrupted run, and a checkpoint
+written by 2 ranks resumes on 1 (torch.distributed.checkpoint reshards), with FP8 primary weights too."""
 
 from __future__ import annotations
 
