@@ -84,7 +84,7 @@ def main() -> None:
     if args.dry_run:
         args.model, args.micro_batch, args.seq, args.warmup, args.repeat = "gpt_tiny", 2, 64, 1, 2
     work = dict(model=args.model, micro_batch=args.micro_batch, seq=args.seq, warmup=args.warmup, repeat=args.repeat)
-    print(f"Trainer step, {args.model}, fp8_o2, {args.world} gloo processes on this CPU, "
+    print(f"Trainer step, {args.model}, fp8_o2 (unless a row names another), {args.world} gloo processes, "
           f"{args.micro_batch} x {args.seq} tokens per rank, median of {args.repeat} steps")
     print(f"| {'parallel':<12} | {'step ms':>8} | {'tokens/s':>9} | {'vs first':>8} | {'comm MB/step/rank':>17} |")
     print("|" + "|".join("-" * n for n in (14, 10, 11, 10, 19)) + "|")
