@@ -149,13 +149,23 @@ class Fp8ShardedWeights:
             return
         amax = torch.stack([tensor_to_amax(w) for _, w in pending])  # this rank's rows (0 for none)
         sync_max_([amax], self.group)
-        for (sink, weight), tensor_amax in zip(pending, amax.unbind(0)):
+        counts = {}  # sampled cast statistics (monitor.every): this rank's rows, summed over the mesh below
+        for i, ((sink, weight), tensor_amax) in enumerate(zip(pending, amax.unbind(0))):
             scaling = sink.layer.weight_scaling
             log2_scale = amax_to_log2_scale(tensor_amax, E4M3, margin=scaling.margin,
                                             prev_log2_scale=scaling.log2_scale)
-            local(sink.param).store_(weight, log2_scale)
+            shard = local(sink.param)
+            shard.store_(weight, log2_scale)
             if record:
                 scaling.record_cast_(tensor_amax, log2_scale)
+                if scaling.sample_stats:
+                    counts[i] = scaling.cast_counts(weight, torch.exp2(log2_scale), shard.codes, E4M3)
+        if counts:  # every rank samples the same steps: one SUM all_reduce
+            summed = torch.stack(list(counts.values()))
+            if self.group is not None:
+                dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
+            for i, row in zip(counts, summed.unbind(0)):
+                pending[i][0].layer.weight_scaling.add_cast_counts_(row)
 
     @torch.no_grad()
     def requantize_(self) -> None:

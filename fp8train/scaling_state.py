@@ -97,6 +97,20 @@ class ScalingState(nn.Module):
         self.stat_saturated.add_(stats.saturated)
         self.stat_underflowed.add_(stats.underflowed)
 
+    @staticmethod
+    def cast_counts(x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+        """(4,) int64: elements, nonzero, saturated, underflowed of one cast: what ``sample_stats`` adds up,
+        for a cast made in pieces (FSDP2 shards) whose counts are summed over the ranks first."""
+        stats = quantization_stats(x_hp, scale, x_fp8, fmt)
+        return torch.stack([torch.as_tensor(stats.numel, device=x_hp.device), (x_hp != 0).sum(),
+                            stats.saturated, stats.underflowed]).to(torch.int64)
+
+    def add_cast_counts_(self, counts: torch.Tensor) -> None:
+        """Add ``cast_counts`` (possibly summed over shards) to the sampled statistics."""
+        for buf, count in zip((self.stat_numel, self.stat_nonzero, self.stat_saturated, self.stat_underflowed),
+                              counts.unbind(0)):
+            buf.add_(count)
+
     def extra_repr(self) -> str:
         return f"fmt={self.fmt.name}, recipe={self.recipe}, history={self.amax_history.numel()}"
 

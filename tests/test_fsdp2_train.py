@@ -124,6 +124,32 @@ def test_fsdp2_fp8_primary_weights_skip_an_overflow_everywhere():
     assert all(torch.equal(a, b) for a, b in zip(out[0]["params"], out[1]["params"]))
 
 
+def _sampled_weight_counts_worker(rank: int, world: int) -> list[tuple[int, int, int, int, int]]:
+    from fp8train.linear import Fp8Linear
+
+    model, strategy = tiny_strategy(rank, world, FP8_O3, parallel={"strategy": "fsdp2"})
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    for layer in layers:
+        layer.weight_scaling.sample_stats = True
+    x = torch.randint(256, (4, 16), generator=torch.Generator().manual_seed(rank))
+    _, loss = strategy.module(x, x)
+    strategy.backward(loss)
+    strategy.step()
+    return [(layer.weight.shape.numel(), int(layer.weight_scaling.stat_numel),
+             int(layer.weight_scaling.stat_nonzero), int(layer.weight_scaling.stat_saturated),
+             int((layer.weight.full_tensor().to(torch.float32) != 0).sum())) for layer in layers]
+
+
+def test_fsdp2_fp8_primary_weights_sample_whole_tensor_cast_counts():
+    """Sampled cast statistics of the step's weight casts (monitor.every) cover the whole tensor on every
+    rank, although each rank cast only its shard: the counts are summed over the mesh."""
+    out = run_workers(_sampled_weight_counts_worker, 2, timeout_s=240)
+    assert out[0] == out[1]
+    for numel, counted, nonzero, saturated, nonzero_codes in out[0]:
+        assert counted == numel and saturated == 0
+        assert nonzero >= nonzero_codes > 0  # an element may underflow to 0, none comes from 0
+
+
 # ---- through the CLI (reliability) ------------------------------------------------------------------
 
 COMMON = ("experiment=smoke", "parallel=fsdp2", "logging.progress=false", "logging.log_every=1",
