@@ -168,6 +168,33 @@ def test_the_inductor_triton_cast_is_bit_identical_to_the_cpu_cast(fmt) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not supports_scaled_mm(torch.device("cuda")),
                     reason="needs CUDA compute capability >= 8.9")
+def test_an_fp8_weight_tensor_feeds_the_tensor_cores_as_its_dequantized_weight_does() -> None:
+    """FSDP2's FP8 primary weight (fp8train/weight_tensor.py) on the scaled_mm path (transposed codes for
+    column-major b): output and gradients equal a layer holding the dequantized weight, eager and compiled."""
+    from fp8train.scaling import amax_to_log2_scale, tensor_to_amax
+    from fp8train.weight_tensor import Fp8WeightTensor
+
+    torch.manual_seed(0)
+    ref = Fp8Linear(512, 256, bias=False, config=Fp8Config(backend="scaled_mm"), device=CUDA, dtype=torch.bfloat16)
+    w = ref.weight.detach()
+    stored = Fp8WeightTensor.from_high_precision(w, amax_to_log2_scale(tensor_to_amax(w), E4M3))
+    with torch.no_grad():
+        ref.weight.copy_(stored.dequantize())
+    x = torch.randn(64, 512, device=CUDA, dtype=torch.bfloat16)
+    y_ref = ref(x)
+    y_ref.float().square().sum().backward()
+    for compiled in (False, True):
+        layer = Fp8Linear(512, 256, bias=False, config=Fp8Config(backend="scaled_mm"), device=CUDA,
+                          dtype=torch.bfloat16)
+        layer.weight = torch.nn.Parameter(stored)
+        y = (torch.compile(layer) if compiled else layer)(x)
+        y.float().square().sum().backward()
+        assert torch.equal(y, y_ref), compiled
+        assert torch.equal(layer.weight.grad, ref.weight.grad), compiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not supports_scaled_mm(torch.device("cuda")),
+                    reason="needs CUDA compute capability >= 8.9")
 @pytest.mark.parametrize("recipe", ["current", "delayed"])
 def test_a_compiled_fp8_llama_on_cuda_trains_like_eager(recipe: str) -> None:
     """fullgraph compile of a converted Llama on the tensor-core path under bf16 autocast (the
