@@ -34,7 +34,6 @@ import math
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from fp8train.cast import cast_to_fp8
 from fp8train.formats import E4M3
@@ -157,7 +156,7 @@ class Fp8WeightTensor(torch.Tensor):
         if func in _VIEW_OPS and isinstance(args[0], Fp8WeightTensor):
             self = args[0]
             if func is aten._to_copy.default and kwargs.get("dtype", self.dtype) != self.dtype:
-                return self.dequantize(kwargs["dtype"]).to(**{k: v for k, v in kwargs.items() if k != "dtype"})
+                return self.dequantize(kwargs["dtype"]).to(kwargs.get("device") or self.device)
             kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "layout", "memory_format")} \
                 if func is aten._to_copy.default else kwargs
             out = func(self._codes, *args[1:], **kwargs)
@@ -182,8 +181,17 @@ class Fp8WeightTensor(torch.Tensor):
                                           for a in func._schema.returns):
             raise NotImplementedError(f"Fp8WeightTensor: in-place operator {func} is not supported (it would "
                                       "write a dequantized temporary); write a new weight with store_")
-        plain = tree_map(lambda t: t.dequantize() if isinstance(t, Fp8WeightTensor) else t, (args, kwargs))
-        return func(*plain[0], **plain[1])
+        return func(*_dequantized(args), **dict(zip(kwargs, _dequantized(tuple(kwargs.values())))))
+
+
+def _dequantized(values: tuple) -> list:
+    """``values`` with every ``Fp8WeightTensor`` (also inside a list or tuple: an operator's tensor list)
+    replaced by its dequantized values."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, Fp8WeightTensor):
+            return v.dequantize()
+        return type(v)(plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return [plain(v) for v in values]
 
 
 def fp8_operand(weight: Fp8WeightTensor, *, transposed: bool = False) -> Fp8Tensor:
@@ -203,8 +211,8 @@ def _copy_(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> 
         dst._scale_inv.copy_(src._scale_inv)
     elif isinstance(dst, Fp8WeightTensor):
         # a plain source (a checkpoint's values): its own amax's scale (module docstring)
-        dst.store_(src.to(dst.device), amax_to_log2_scale(tensor_to_amax(src.to(dst.device)), E4M3,
-                                                          prev_log2_scale=-torch.log2(dst._scale_inv)))
+        src = src.to(dst.device)
+        dst.store_(src, amax_to_log2_scale(tensor_to_amax(src), E4M3, prev_log2_scale=-torch.log2(dst._scale_inv)))
     else:
         dst.copy_(src.dequantize(dst.dtype))
     return dst

@@ -33,6 +33,9 @@ def test_reports_the_high_precision_dtype_and_decodes_to_the_e4m3_round_trip():
     assert torch.equal(t.dequantize(), expected)
     assert float(t.scale_inv) == float(1 / scale)
     assert torch.equal(t + 1, expected + 1), "an out-of-place operator sees the dequantized values"
+    assert torch.equal(torch.cat([t, t]), torch.cat([expected, expected])), "tensor lists too"
+    as_fp32 = t.to(torch.float32)
+    assert type(as_fp32) is torch.Tensor and torch.equal(as_fp32, expected.to(torch.float32))
 
 
 def test_views_share_codes_and_scale():
