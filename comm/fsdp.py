@@ -225,8 +225,12 @@ class Fp8AllGather(_Alloc):
         # FSDP2 packs a group of mixed dtypes (FP8 primary weights' codes beside bf16 norms) as uint8 bytes
         laid_out = sum(self.numels) == n and input_tensor.dtype != torch.uint8
         fp8 = [p in self.scales.log2_scale for p in self.params] if laid_out else []
-        numels = self.numels if fp8 else [n]
-        fp8 = fp8 or [False]
+        if not any(fp8):  # nothing to encode (FP8 primary weights' codes, norms, embeddings): bytes as they are
+            dist.all_gather_into_tensor(output_tensor, input_tensor, group=group)
+            if self.module is None or self.module.training:
+                self.sink.weight_bytes_sent += (world - 1) * n * item
+            return
+        numels = self.numels
         wire = [m if q else m * item for m, q in zip(numels, fp8)]  # bytes of each piece in a rank's slot
         payload = torch.empty(sum(wire), dtype=torch.uint8, device=input_tensor.device)
         src = dst = 0

@@ -36,6 +36,12 @@ __all__ = ["ScalingState"]
 _STAT_BUFFERS = ("stat_numel", "stat_nonzero", "stat_saturated", "stat_underflowed")
 
 
+def _counts(stats: Fp8CastStats, x_hp: torch.Tensor) -> torch.Tensor:
+    """(4,) int64 in the order of ``ScalingState.add_cast_counts_``: elements, nonzero, saturated, underflowed."""
+    return torch.stack([torch.as_tensor(stats.numel, device=x_hp.device), (x_hp != 0).sum(),
+                        stats.saturated, stats.underflowed]).to(torch.int64)
+
+
 class ScalingState(nn.Module):
     """Buffers:
     amax_history:     (L,) fp32, most recent first; zeros before L casts have happened (zeros never
@@ -92,18 +98,13 @@ class ScalingState(nn.Module):
     def _count(self, x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor,
                stats: Fp8CastStats | None = None) -> None:
         stats = quantization_stats(x_hp, scale, x_fp8, self.fmt) if stats is None else stats
-        self.stat_numel.add_(stats.numel)
-        self.stat_nonzero.add_((x_hp != 0).sum())
-        self.stat_saturated.add_(stats.saturated)
-        self.stat_underflowed.add_(stats.underflowed)
+        self.add_cast_counts_(_counts(stats, x_hp))
 
     @staticmethod
     def cast_counts(x_hp: torch.Tensor, scale: torch.Tensor, x_fp8: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
         """(4,) int64: elements, nonzero, saturated, underflowed of one cast: what ``sample_stats`` adds up,
         for a cast made in pieces (FSDP2 shards) whose counts are summed over the ranks first."""
-        stats = quantization_stats(x_hp, scale, x_fp8, fmt)
-        return torch.stack([torch.as_tensor(stats.numel, device=x_hp.device), (x_hp != 0).sum(),
-                            stats.saturated, stats.underflowed]).to(torch.int64)
+        return _counts(quantization_stats(x_hp, scale, x_fp8, fmt), x_hp)
 
     def add_cast_counts_(self, counts: torch.Tensor) -> None:
         """Add ``cast_counts`` (possibly summed over shards) to the sampled statistics."""
