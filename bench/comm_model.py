@@ -4,6 +4,7 @@ runs on pretend nodes, then used to project a training step at scale (docs/scali
 
     .venv/bin/python bench/comm_model.py                          # fit, error table, projection (markdown)
     .venv/bin/python bench/comm_model.py --data my_runs.jsonl     # runs from: bash bench/comm_netns.sh OUT
+    .venv/bin/python bench/comm_model.py --data A.jsonl --rerun B.jsonl   # + how well two passes reproduce
 
 One fit per (collective, method), over every run of it (node counts x link rates x sizes):
   t = alpha * hops + max(W, G) + min(W, G) / n + gamma_s * work,  W = wire_bytes / (eta * link_rate), G = gamma_o * work
@@ -37,6 +38,7 @@ from _timing import verdict  # noqa: E402
 from fp8train.comm import Fp8CommConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "comm_netns.jsonl"
+RERUN = DATA.with_name("comm_netns_rerun.jsonl")  # a second pass of DATA's grid, measured later
 PIECE_BYTES = Fp8CommConfig().p2p_piece_bytes  # what bench/comm.py's FP8 all-reduce ran with (the default)
 ERROR_TARGET_PCT = 20.0  # issue 17: the model predicts the runs it was fitted to within 20 %
 
@@ -199,6 +201,35 @@ def fit_report(runs: list[dict], fits: dict[tuple[str, str], Fit]) -> str:
     return f"{fit_table}\n\n{err_table}\n\n{summary}\n\n{setting_table}"
 
 
+def _key(run: dict) -> tuple:
+    return run["nodes"], run["link_gbit"], run["collective"], run["method"], run["elements"]
+
+
+def reproducibility_report(first: list[dict], second: list[dict]) -> str:
+    """The 20 % bar set beside the benchmark's own reproducibility: the same grid measured twice (two passes
+    of bench/comm_netns.sh, same script and settings). Rows: the second pass against the first pass's
+    measured times (no model), each pass against the model fitted to it, and each pass against the model
+    fitted to the other one (out of sample)."""
+    first, second = ([r for r in runs if r.get("link_gbit")] for runs in (first, second))
+    by_key = {_key(r): r for r in first}
+    paired = [r for r in second if _key(r) in by_key]
+
+    def row(name: str, errs: list[float]) -> list[str]:
+        e = np.array(errs)
+        return [name, str(len(e)), str(int((np.abs(e) <= ERROR_TARGET_PCT).sum())), f"{np.median(e):+.1f}",
+                f"{np.abs(e).max():.1f}"]
+
+    fits_1, fits_2 = fit(first), fit(second)
+    rows = [row("second pass vs first pass's measured time",
+                [100 * (measured(r) - measured(by_key[_key(r)])) / measured(by_key[_key(r)]) for r in paired]),
+            row("first pass vs model fitted to it", [e for _, _, e in errors(first, fits_1)]),
+            row("second pass vs model fitted to it", [e for _, _, e in errors(second, fits_2)]),
+            row("second pass vs model fitted to the first", [e for _, _, e in errors(second, fits_1)]),
+            row("first pass vs model fitted to the second", [e for _, _, e in errors(first, fits_2)])]
+    return _table(["prediction", "runs", f"within {ERROR_TARGET_PCT:g} %", "median error %", "largest error, abs %"],
+                  rows)
+
+
 def break_even_gbit(fits: dict[tuple[str, str], Fit], runs: list[dict], collective: str, baseline: str,
                     world: int) -> float | None:
     """The link rate (Gbit/s) above which FP8 is no longer faster than ``baseline`` for ``collective`` on
@@ -270,10 +301,18 @@ def sweep_report(cluster: Cluster, gpus: int = 1024) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="JSON lines from bench/comm.py --json")
+    parser.add_argument("--rerun", type=Path, default=None,
+                        help="a second pass of the same grid: how well the runs reproduce, beside the model "
+                             f"(default with the default --data: {RERUN.name})")
     args = parser.parse_args()
+    if args.rerun is None and args.data == DATA:
+        args.rerun = RERUN
     runs = load(args.data)
     fits = fit(runs)
     print(f"### Fit ({args.data.name})\n\n{fit_report(runs, fits)}\n")
+    if args.rerun is not None:
+        print(f"### Reproducibility ({args.data.name}, then {args.rerun.name})\n\n"
+              f"{reproducibility_report(runs, load(args.rerun))}\n")
     # the reduce-scatter's baseline is the fp32 pairwise exchange: gloo's bf16 reduce-scatter sends an
     # all-reduce's bytes, which no ring (nor NCCL) does
     for collective, baseline in (("reduce_scatter", "fp32-a2a"), ("all_reduce", "bf16")):

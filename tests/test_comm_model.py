@@ -132,6 +132,20 @@ def test_errors_are_signed_relative_to_the_measurement():
     assert error == pytest.approx(100.0, rel=1e-9)
 
 
+def test_reproducibility_report_compares_passes_with_each_other_and_with_the_models():
+    first = _runs()
+    second = [{**r, "seconds": r["seconds"] * (1.3 if i == 0 else 0.95)} for i, r in enumerate(first)]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+            for line in comm_model.reproducibility_report(first, second).splitlines()[2:]}
+    # pass to pass: one run 30 % slower (outside 20 %), the rest 5 % faster; median -5 %, largest 30
+    assert rows["second pass vs first pass's measured time"] == ["24", "23", "-5.0", "30.0 |"]
+    # the first pass is the model's exact formula: its own fit predicts it to round-off
+    assert rows["first pass vs model fitted to it"][:2] == ["24", "24"]
+    assert float(rows["first pass vs model fitted to it"][3].rstrip(" |")) < 1e-3
+    # out of sample, the first pass's model misses the slowed run by its 30 %
+    assert rows["second pass vs model fitted to the first"][1] == "23"
+
+
 @pytest.mark.parametrize("kind", ["reduce_scatter", "all_gather", "all_reduce"])
 @pytest.mark.parametrize("flat", [False, True], ids=["hierarchical", "flat"])
 def test_fp8_halves_the_wire_time_of_bf16_without_latency(kind, flat):
