@@ -33,7 +33,7 @@ from study import CONFIGS, TARGET_GAP_PERCENT, finished_run  # noqa: E402
 
 from fp8train.trainer.build import build_model  # noqa: E402
 from fp8train.trainer.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from fp8train.trainer.config import train_config_from_mapping  # noqa: E402
+from fp8train.trainer.config import LauncherConfig, train_config_from_mapping  # noqa: E402
 from fp8train.trainer.data import load_token_data  # noqa: E402
 from fp8train.trainer.distributed import distributed_session  # noqa: E402
 from fp8train.trainer.loop import validation_loss  # noqa: E402
@@ -113,15 +113,7 @@ def report(losses: dict[str, dict[int, dict[str, float]]], corpus: str) -> list[
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama_tiny")
-    parser.add_argument("--corpus", default="shakespeare")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="bench/study.py's --out")
-    args = parser.parse_args()
-    losses: dict[str, dict[int, dict[str, float]]] = {}
+def _reevaluate_all(args: argparse.Namespace, losses: dict[str, dict[int, dict[str, float]]]) -> None:
     for name in CONFIGS:
         for seed in args.seeds:
             run_dir = args.out / "runs" / f"{args.model}-{args.corpus}-{name.replace(' ', '_')}-s{seed}"
@@ -131,6 +123,21 @@ def main() -> None:
             losses.setdefault(name, {})[seed] = {"recorded": done["val_loss"], **reevaluate(run_dir)}
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.5f}" for k, v in losses[name][seed].items()),
                   flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama_tiny")
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="bench/study.py's --out")
+    args = parser.parse_args()
+    losses: dict[str, dict[int, dict[str, float]]] = {}
+    # one process group for every run: each reevaluate() reuses it rather than creating and destroying
+    # its own (48 gloo groups in a row once hung in a futex wait here)
+    with distributed_session(LauncherConfig()):
+        _reevaluate_all(args, losses)
     lines = report(losses, args.corpus)
     print("\n".join(lines))
     (args.out / f"reeval_{args.model}_{args.corpus}.json").write_text(json.dumps(losses, indent=1))
