@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     losses: dict[str, dict[int, dict[str, float]]] = {}
     # one process group for every run: each reevaluate() reuses it rather than creating and destroying
-    # its own (48 gloo groups in a row once hung in a futex wait here)
+    # its own (a fifth fresh gloo group in a row once hung in a futex wait here; 48 had not, another time)
     with distributed_session(LauncherConfig()):
         _reevaluate_all(args, losses)
     lines = report(losses, args.corpus)
