@@ -78,7 +78,7 @@ def reevaluate(run_dir: Path, max_windows: int | None = None) -> dict[str, float
         half = n_windows // 2
         # every window evaluated once: the study's windows lie in half A (``study`` <= half unless the
         # split is short), so the halves are built from per-range means weighted by their windows
-        ranges = sorted({0, min(study, half), half, 2 * half, study})
+        ranges = sorted({0, study, half, 2 * half})
         mean = {(lo, hi): _mean_loss(model, _batches(data.val, lo, hi, seq_len=cfg.block_size, batch_size=batch),
                                      env, ctx_factory) for lo, hi in zip(ranges, ranges[1:]) if hi > lo}
 
