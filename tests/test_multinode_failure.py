@@ -17,6 +17,10 @@ Two things had to change for the round to start training again, both checked her
   - the trainer put the workers' keys under a prefix per restart attempt (TORCHELASTIC_RESTART_COUNT,
     against stale keys in the shared store), and the two nodes' counts now differ (1 and 0): the
     ranks waited for each other under different prefixes. With a fresh store there is no prefix.
+Where the kill lands: node 1's worker is held at the start of step KILL_AT_STEP (``faults.hang_*``,
+which fires only on a first attempt), and the test kills the node once it is held. Killing when node 0
+printed a step instead was a race: on a fast machine the job ran three more steps and a checkpoint
+(step 15) between the line and the kill, and resumed from there.
 Without a node coming back, node 0's agent waits for the rendezvous' join timeout (torchrun's
 default: 600 s) and then fails; that path is documented, not tested (it takes 10 minutes).
 
@@ -39,16 +43,18 @@ from trainer_utils import cli_env, metrics_without_timing
 pytestmark = pytest.mark.reliability
 
 STEPS = 24
-KILL_AFTER_STEP = 12  # between the checkpoints of steps 10 and 15: the resumed run redoes 11 and 12
+KILL_AT_STEP = 13  # between the checkpoints of steps 10 and 15: the resumed run redoes 11 to 13
+HOLD = (f"faults.hang_step={KILL_AT_STEP}", "faults.hang_rank=1")  # the killed run only: node 1 waits there
 CONFIG = ("experiment=smoke", "precision=fp8_o2", "logging.progress=false", "logging.log_every=1",
           "logging.console_every=1", "launcher.cpu_threads=1", "monitor.plots=false", f"train.steps={STEPS}",
           "checkpoint.every=5", "launcher.timeout_s=120")
 RUN_TIMEOUT_S = 240
 
 
-def _start(node: int, port: int, run_dir: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(multi_node_cmd(node, port, *CONFIG, f"hydra.run.dir={run_dir}", run_id=run_dir.name,
-                                           env=("MAX_RESTARTS=1",)),
+def _start(node: int, port: int, run_dir: Path, log: Path, env: dict[str, str],
+           extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    return subprocess.Popen(multi_node_cmd(node, port, *CONFIG, *extra, f"hydra.run.dir={run_dir}",
+                                           run_id=run_dir.name, env=("MAX_RESTARTS=1",)),
                             cwd=run_dir.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -64,21 +70,22 @@ def _wait_for_line(log: Path, pattern: str, proc: subprocess.Popen, timeout_s: f
 
 
 def _two_node_run(run_dir: Path, env: dict[str, str], *, kill: bool) -> tuple[str, float | None]:
-    """The job on both nodes; with ``kill``, node 1 dies after step KILL_AFTER_STEP and is started again.
-    Returns node 0's output and the seconds from the kill to node 0's exit."""
+    """The job on both nodes; with ``kill``, node 1 dies at the start of step KILL_AT_STEP and is started
+    again (with the same command). Returns node 0's output and the seconds from the kill to node 0's exit."""
     run_dir.mkdir()
     port, logs = free_port(), {name: run_dir.parent / f"{run_dir.name}-{name}.log" for name in ("n0", "n1", "n1b")}
-    node1 = _start(1, port, run_dir, logs["n1"], env)
-    node0 = _start(0, port, run_dir, logs["n0"], env)
+    extra = HOLD if kill else ()  # fires on the first attempt only: the restarted node runs clean
+    node1 = _start(1, port, run_dir, logs["n1"], env, extra)
+    node0 = _start(0, port, run_dir, logs["n0"], env, extra)
     procs, killed_at = [node0, node1], None
     try:
         if kill:
-            _wait_for_line(logs["n0"], rf"^step +{KILL_AFTER_STEP} \|", node0, RUN_TIMEOUT_S)
+            _wait_for_line(logs["n1"], rf"rank 1 stops answering at step {KILL_AT_STEP}\b", node1, RUN_TIMEOUT_S)
             assert kill_node(1), "node 1 had no processes"
             killed_at = time.monotonic()
             node1.wait(timeout=30)
             time.sleep(2)  # the scheduler notices, then starts the node again with the same command
-            procs.append(_start(1, port, run_dir, logs["n1b"], env))
+            procs.append(_start(1, port, run_dir, logs["n1b"], env, extra))
         for proc, name in zip(procs, ("n0", "n1", "n1b")):
             rc = proc.wait(timeout=RUN_TIMEOUT_S)
             assert rc == 0 or (kill and name == "n1"), f"{name} exited with {rc}:\n{logs[name].read_text()[-3000:]}"
@@ -96,9 +103,11 @@ def test_a_dead_node_started_again_resumes_to_the_uninterrupted_metrics(cluster,
     baseline, resumed = tmp_path / "baseline", tmp_path / "resumed"  # one filesystem: both nodes see it
     _two_node_run(baseline, env, kill=False)
     output, seconds = _two_node_run(resumed, env, kill=True)
-    print(f"\nnode 1 killed after step {KILL_AFTER_STEP}: node 0 done {seconds:.0f} s later")
+    print(f"\nnode 1 killed at step {KILL_AT_STEP}: node 0 done {seconds:.0f} s later")
 
     assert "fp8train: error: another rank died during a collective" in output  # the first attempt's end
+    first_attempt = output.split("fp8train: error:")[0]
+    assert not re.search(rf"^step +{KILL_AT_STEP} \|", first_attempt, re.MULTILINE)  # it ended in that step
     assert re.search(r"resumed from \S*step_00000010 at step 10\b", output), output[-3000:]
     assert latest_checkpoint(resumed).name == f"step_{STEPS:08d}"
     a, b = metrics_without_timing(resumed), metrics_without_timing(baseline)
